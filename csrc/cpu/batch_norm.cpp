@@ -1,0 +1,253 @@
+// Batch norm on the CPU: per-channel statistics over N and every spatial
+// element, split into the steps SyncBatchNorm composes (stats, elemt,
+// backward_reduce, backward_elemt) plus single-call forward and backward.
+// Statistics are (mean, biased var) in the accumulation dtype; the backward
+// recomputes the activation's mask from x, so only x is kept for it.
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "channel_norm.h"
+
+namespace normops {
+namespace cpu {
+namespace {
+
+constexpr const char* kOp = "normops.batch_norm";
+
+void check_bn_input(const Tensor& input) {
+  check_input(input, 2, kOp);
+}
+
+void check_stat(const Tensor& input, const Tensor& t, const char* name) {
+  check_same_device(input, t, kOp, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1), kOp, ": expected ", name,
+              " of shape [", input.size(1), "], but got ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), kOp, ": expected ", name,
+              " to be floating point, but got ", t.scalar_type());
+}
+
+void check_affine(const Tensor& input, const OptTensor& weight, const OptTensor& bias) {
+  const int64_t C = input.size(1);
+  check_param(input, weight, {C}, kOp, "weight");
+  check_param(input, bias, {C}, kOp, "bias");
+}
+
+// Per-channel constants of the normalisation with statistics (mean, var):
+// invstd, and the folded affine y = x * scale + shift.
+struct Folded {
+  Tensor mean, invstd, weight, scale, shift;
+};
+
+Folded fold(const Tensor& mean, const Tensor& var, const OptTensor& weight, const OptTensor& bias,
+            double eps, at::ScalarType acc) {
+  const int64_t C = mean.size(0);
+  Folded f;
+  f.mean = mean.to(at::kDouble).contiguous();
+  Tensor v = var.to(at::kDouble).contiguous();
+  Tensor w = acc_vector(weight, C, at::kDouble, 1.0);
+  Tensor b = acc_vector(bias, C, at::kDouble, 0.0);
+  Tensor invstd = at::empty({C}, f.mean.options());
+  Tensor scale = at::empty({C}, f.mean.options()), shift = at::empty({C}, f.mean.options());
+  const double *pm = ptr<double>(f.mean), *pv = ptr<double>(v), *pw = ptr<double>(w),
+               *pb = ptr<double>(b);
+  double *pi = ptr<double>(invstd), *ps = ptr<double>(scale), *ph = ptr<double>(shift);
+  for (int64_t c = 0; c < C; ++c) {
+    pi[c] = 1.0 / std::sqrt(pv[c] + eps);
+    ps[c] = pi[c] * pw[c];
+    ph[c] = pb[c] - pm[c] * ps[c];
+  }
+  f.invstd = invstd;
+  f.weight = w;
+  f.scale = scale.to(acc);
+  f.shift = shift.to(acc);
+  return f;
+}
+
+std::tuple<Tensor, Tensor> stats_impl(const ChannelView& v) {
+  Tensor mean, var;
+  dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    auto mq = channel_moments<T>(v, /*per_sample=*/false);
+    mean = mq.first;
+    const int64_t count = v.N * v.HW;
+    var = count > 0 ? mq.second / double(count) : mq.second;
+  });
+  return {mean, var};
+}
+
+Tensor elemt_impl(const ChannelView& v, const OptTensor& weight, const OptTensor& bias,
+                  const Tensor& mean, const Tensor& var, double eps, int act) {
+  Tensor out = like(v);
+  const auto acc = acc_dtype(v.x.scalar_type());
+  Folded f = fold(mean, var, weight, bias, eps, acc);
+  dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    channel_affine<T>(v, out, f.scale, f.shift, /*per_sample=*/false, act);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
+  check_bn_input(input);
+  return stats_impl(channel_view(input));
+}
+
+Tensor batch_norm_elemt(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                        const Tensor& mean, const Tensor& var, double eps, int64_t activation) {
+  check_bn_input(input);
+  check_affine(input, weight, bias);
+  check_stat(input, mean, "mean");
+  check_stat(input, var, "var");
+  const int act = act_index(activation);
+  return elemt_impl(channel_view(input), weight, bias, mean, var, eps, act);
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm(const Tensor& input, const OptTensor& weight,
+                                              const OptTensor& bias,
+                                              const OptTensor& running_mean,
+                                              const OptTensor& running_var, bool training,
+                                              double eps, int64_t activation) {
+  check_bn_input(input);
+  check_affine(input, weight, bias);
+  const int act = act_index(activation);
+  if (present(running_mean)) check_stat(input, *running_mean, "running_mean");
+  if (present(running_var)) check_stat(input, *running_var, "running_var");
+  TORCH_CHECK(training || (present(running_mean) && present(running_var)), kOp,
+              ": running_mean and running_var must be given when training is False");
+  ChannelView v = channel_view(input);
+  if (training) {
+    auto [mean, var] = stats_impl(v);
+    return {elemt_impl(v, weight, bias, mean, var, eps, act), mean, var};
+  }
+  const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));
+  return {elemt_impl(v, weight, bias, *running_mean, *running_var, eps, act), at::empty({0}, opts),
+          at::empty({0}, opts)};
+}
+
+// Sums (sum_dy, sum_dy_xmu) per channel, in double.
+std::pair<Tensor, Tensor> reduce_impl(const ChannelView& v, const Tensor& dy, const Folded& f,
+                                      int act) {
+  std::pair<Tensor, Tensor> sums;
+  const auto acc = acc_dtype(v.x.scalar_type());
+  Tensor mean = f.mean.to(acc);
+  dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    sums = channel_grad_sums<T>(v, dy, mean, f.scale, f.shift, /*per_sample=*/false, act);
+  });
+  return sums;
+}
+
+// dx = invstd*w * (g - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu); with
+// zero means (eval statistics) this is dx = invstd*w*g.
+Tensor grad_input_impl(const ChannelView& v, const Tensor& dy, const Folded& f,
+                       const Tensor& mean_dy, const Tensor& mean_dy_xmu, int act) {
+  const int64_t C = v.C;
+  const auto acc = acc_dtype(v.x.scalar_type());
+  Tensor md = mean_dy.to(at::kDouble).contiguous(), mx = mean_dy_xmu.to(at::kDouble).contiguous();
+  Tensor a = at::empty({C}, md.options()), b = at::empty({C}, md.options()),
+         c = at::empty({C}, md.options());
+  const double *pi = ptr<double>(f.invstd), *pw = ptr<double>(f.weight), *pmd = ptr<double>(md),
+               *pmx = ptr<double>(mx);
+  double *pa = ptr<double>(a), *pb = ptr<double>(b), *pc = ptr<double>(c);
+  for (int64_t ch = 0; ch < C; ++ch) {
+    pa[ch] = pi[ch] * pw[ch];
+    pb[ch] = -pa[ch] * pi[ch] * pi[ch] * pmx[ch];
+    pc[ch] = -pa[ch] * pmd[ch];
+  }
+  Tensor dx = like(v);
+  Tensor aa = a.to(acc), bb = b.to(acc), cc = c.to(acc), mm = f.mean.to(acc);
+  dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    channel_grad_input<T>(v, dy, dx, aa, bb, mm, cc, f.scale, f.shift, /*per_sample=*/false, act);
+  });
+  return dx;
+}
+
+void check_backward(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                    const Tensor& var, const OptTensor& weight, const OptTensor& bias) {
+  check_bn_input(input);
+  check_affine(input, weight, bias);
+  check_stat(input, mean, "mean");
+  check_stat(input, var, "var");
+  check_same_device(input, grad_out, kOp, "grad_output");
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), kOp,
+              ": expected grad_output to have the input's dtype ", input.scalar_type(), ", but got ",
+              grad_out.scalar_type());
+}
+
+std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out, const Tensor& input,
+                                                      const Tensor& mean, const Tensor& var,
+                                                      const OptTensor& weight,
+                                                      const OptTensor& bias, double eps,
+                                                      int64_t activation) {
+  check_backward(grad_out, input, mean, var, weight, bias);
+  const int act = act_index(activation);
+  ChannelView v = channel_view(input);
+  const auto acc = acc_dtype(input.scalar_type());
+  Folded f = fold(mean, var, weight, bias, eps, acc);
+  auto sums = reduce_impl(v, match_layout(grad_out, v), f, act);
+  return {sums.first.to(acc), sums.second.to(acc)};
+}
+
+Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                                 const Tensor& var, const OptTensor& weight,
+                                 const OptTensor& bias, const Tensor& mean_dy,
+                                 const Tensor& mean_dy_xmu, double eps, int64_t activation) {
+  check_backward(grad_out, input, mean, var, weight, bias);
+  check_stat(input, mean_dy, "mean_dy");
+  check_stat(input, mean_dy_xmu, "mean_dy_xmu");
+  const int act = act_index(activation);
+  ChannelView v = channel_view(input);
+  Folded f = fold(mean, var, weight, bias, eps, acc_dtype(input.scalar_type()));
+  return grad_input_impl(v, match_layout(grad_out, v), f, mean_dy, mean_dy_xmu, act);
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(
+    const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& mean, const Tensor& var, bool training, double eps, int64_t activation,
+    std::array<bool, 3> output_mask) {
+  check_backward(grad_out, input, mean, var, weight, bias);
+  const int act = act_index(activation);
+  ChannelView v = channel_view(input);
+  Tensor dy = match_layout(grad_out, v);
+  const auto acc = acc_dtype(input.scalar_type());
+  Folded f = fold(mean, var, weight, bias, eps, acc);
+  const int64_t C = v.C;
+  const auto dopts = f.mean.options();
+  Tensor sum_dy = at::zeros({C}, dopts), sum_dy_xmu = at::zeros({C}, dopts);
+  if (training || output_mask[1] || output_mask[2]) {
+    std::tie(sum_dy, sum_dy_xmu) = reduce_impl(v, dy, f, act);
+  }
+  Tensor grad_input;
+  if (output_mask[0]) {
+    const int64_t count = v.N * v.HW;
+    const bool batch_stats = training && count > 0;
+    grad_input = grad_input_impl(v, dy, f, batch_stats ? sum_dy / double(count) : at::zeros({C}, dopts),
+                                 batch_stats ? sum_dy_xmu / double(count) : at::zeros({C}, dopts), act);
+  } else {
+    grad_input = at::empty({0}, input.options());
+  }
+  // A parameter gradient has the parameter's dtype (the input's when absent).
+  const auto param_grad = [&](bool wanted, const OptTensor& p, const Tensor& value) {
+    const auto dt = present(p) ? p->scalar_type() : input.scalar_type();
+    return wanted ? value.to(dt) : at::empty({0}, input.options().dtype(dt));
+  };
+  Tensor grad_weight = param_grad(output_mask[1], weight, sum_dy_xmu * f.invstd);
+  Tensor grad_bias = param_grad(output_mask[2], bias, sum_dy);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(normops, CPU, m) {
+  m.impl("batch_norm_stats", &batch_norm_stats);
+  m.impl("batch_norm_elemt", &batch_norm_elemt);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt);
+  m.impl("batch_norm", &batch_norm);
+  m.impl("batch_norm_backward", &batch_norm_backward);
+}
+
+}  // namespace cpu
+}  // namespace normops

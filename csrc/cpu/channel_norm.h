@@ -1,0 +1,257 @@
+// Drivers shared by the per-channel norms (batch norm) and the per-sample ones
+// (group and instance norm): statistics, the affine step and the two backward
+// passes over a ChannelView, parallel and in either layout. Constants are
+// indexed per channel ([C], per_sample = false) or per (n, c) ([N*C],
+// per_sample = true).
+#pragma once
+
+#include <vector>
+
+#include "common.h"
+
+namespace normops {
+namespace cpu {
+
+// Layout-matching copy of a gradient: kernels read dy with x's strides.
+inline Tensor match_layout(const Tensor& dy, const ChannelView& v) {
+  TORCH_CHECK(dy.sizes() == v.x.sizes(), "normops: expected grad_output of shape ", v.x.sizes(),
+              ", but got ", dy.sizes());
+  if (dy.strides() == v.x.strides()) return dy;
+  Tensor t = at::empty_like(v.x, dy.options());
+  t.copy_(dy);
+  return t;
+}
+
+// Splits `rows_per_sample` rows of each of `samples` samples into tasks of at
+// least one cache block and runs f(task, sample, row_begin, row_end) in
+// parallel (row indices absolute); returns the number of splits per sample.
+template <typename F>
+int64_t for_each_row_task(int64_t samples, int64_t rows_per_sample, int64_t min_rows,
+                          const F& f) {
+  const int64_t threads = at::get_num_threads();
+  int64_t splits = (threads + samples - 1) / samples;
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, rows_per_sample / std::max<int64_t>(1, min_rows)));
+  at::parallel_for(0, samples * splits, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / splits, s = t % splits;
+      const int64_t r0 = n * rows_per_sample + rows_per_sample * s / splits;
+      const int64_t r1 = n * rows_per_sample + rows_per_sample * (s + 1) / splits;
+      f(t, n, r0, r1);
+    }
+  });
+  return splits;
+}
+
+// Moments (mean, m2) per channel (count N*HW) or per (n, c) (count HW).
+template <typename T>
+std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample) {
+  using A = acc_t<T>;
+  const auto& k = kernels<T>();
+  const auto opts = v.x.options().dtype(acc_dtype(v.x.scalar_type()));
+  const int64_t out_len = per_sample ? v.N * v.C : v.C;
+  Tensor mean = at::zeros({out_len}, opts), m2 = at::zeros({out_len}, opts);
+  if (v.N * v.HW == 0 || v.C == 0) return {mean, m2};
+  const T* x = ptr<const T>(v.x);
+  if (!v.rows) {
+    Tensor pm = per_sample ? mean : at::empty({v.N * v.C}, opts);
+    Tensor pq = per_sample ? m2 : at::empty({v.N * v.C}, opts);
+    const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
+    at::parallel_for(0, v.N * v.C, grain, [&](int64_t p0, int64_t p1) {
+      k.plane_moments(x, v.HW, p0, p1, ptr<A>(pm), ptr<A>(pq));
+    });
+    if (!per_sample) {
+      A* om = ptr<A>(mean);
+      A* oq = ptr<A>(m2);
+      const A* im = ptr<A>(pm);
+      const A* iq = ptr<A>(pq);
+      for (int64_t c = 0; c < v.C; ++c) {
+        A count = 0, mu = 0, q = 0;
+        for (int64_t n = 0; n < v.N; ++n)
+          chan_merge(count, mu, q, A(v.HW), im[n * v.C + c], iq[n * v.C + c]);
+        om[c] = mu;
+        oq[c] = q;
+      }
+    }
+    return {mean, m2};
+  }
+  // Rows: each task reduces cache blocks of its row range and merges them.
+  const int64_t samples = per_sample ? v.N : 1;
+  const int64_t rows_per_sample = per_sample ? v.HW : v.N * v.HW;
+  const int64_t R = block_rows(v.C, sizeof(T));
+  const int64_t max_tasks = samples * std::max<int64_t>(1, at::get_num_threads());
+  std::vector<A> part(static_cast<size_t>(max_tasks * v.C * 4));
+  std::vector<A> part_count(static_cast<size_t>(max_tasks));
+  const int64_t C = v.C;
+  const int64_t splits = for_each_row_task(samples, rows_per_sample, R, [&](int64_t t, int64_t, int64_t r0, int64_t r1) {
+    A* tm = part.data() + t * C * 4;
+    A* tq = tm + C;
+    A* bm = tq + C;
+    A* bq = bm + C;
+    A count = 0;
+    for (int64_t b0 = r0; b0 < r1; b0 += R) {
+      const int64_t rows = std::min(R, r1 - b0);
+      k.column_moments(x + b0 * C, rows, C, count == 0 ? tm : bm, count == 0 ? tq : bq);
+      if (count != 0) k.merge_columns(tm, tq, count, bm, bq, A(rows), C);
+      count += A(rows);
+    }
+    part_count[t] = count;
+  });
+  // Every task holds at least one row: merge each sample's tasks into its first.
+  A* om = ptr<A>(mean);
+  A* oq = ptr<A>(m2);
+  for (int64_t n = 0; n < samples; ++n) {
+    A* base = part.data() + n * splits * C * 4;
+    A count = part_count[n * splits];
+    for (int64_t s = 1; s < splits; ++s) {
+      const int64_t t = n * splits + s;
+      const A* tm = part.data() + t * C * 4;
+      k.merge_columns(base, base + C, count, tm, tm + C, part_count[t], C);
+      count += part_count[t];
+    }
+    std::copy(base, base + C, om + n * C);
+    std::copy(base + C, base + 2 * C, oq + n * C);
+  }
+  return {mean, m2};
+}
+
+// out = act(x * scale + shift).
+template <typename T>
+void channel_affine(const ChannelView& v, const Tensor& out, const Tensor& scale,
+                    const Tensor& shift, bool per_sample, int act) {
+  using A = acc_t<T>;
+  if (v.x.numel() == 0) return;
+  const auto& k = kernels<T>();
+  const T* x = ptr<const T>(v.x);
+  T* y = ptr<T>(out);
+  const A* s = ptr<const A>(scale);
+  const A* h = ptr<const A>(shift);
+  if (!v.rows) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
+    const int64_t period = per_sample ? v.N * v.C : v.C;
+    at::parallel_for(0, v.N * v.C, grain, [&](int64_t p0, int64_t p1) {
+      k.plane_affine[act](x, y, v.HW, p0, p1, period, s, h);
+    });
+    return;
+  }
+  const int64_t C = v.C;
+  const int64_t grain = std::max<int64_t>(1, 32768 / C);
+  if (!per_sample) {
+    at::parallel_for(0, v.N * v.HW, grain, [&](int64_t r0, int64_t r1) {
+      k.row_affine[act](x + r0 * C, y + r0 * C, r1 - r0, C, s, h);
+    });
+    return;
+  }
+  at::parallel_for(0, v.N * v.HW, grain, [&](int64_t r0, int64_t r1) {
+    // Split the range at sample boundaries: constants change per sample.
+    for (int64_t r = r0; r < r1;) {
+      const int64_t n = r / v.HW;
+      const int64_t end = std::min(r1, (n + 1) * v.HW);
+      k.row_affine[act](x + r * C, y + r * C, end - r, C, s + n * C, h + n * C);
+      r = end;
+    }
+  });
+}
+
+// Per channel or per (n, c): sum of g and of g * (x - mean), where g is dy
+// masked by the activation at x * scale + shift. Double tensors.
+template <typename T>
+std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& dy,
+                                            const Tensor& mean, const Tensor& scale,
+                                            const Tensor& shift, bool per_sample, int act) {
+  using A = acc_t<T>;
+  const auto& k = kernels<T>();
+  const auto dopts = v.x.options().dtype(at::kDouble);
+  const int64_t out_len = per_sample ? v.N * v.C : v.C;
+  Tensor sum_dy = at::zeros({out_len}, dopts), sum_dy_xmu = at::zeros({out_len}, dopts);
+  if (v.N * v.HW == 0 || v.C == 0) return {sum_dy, sum_dy_xmu};
+  const T* x = ptr<const T>(v.x);
+  const T* g = ptr<const T>(dy);
+  const A* m = ptr<const A>(mean);
+  const A* s = ptr<const A>(scale);
+  const A* h = ptr<const A>(shift);
+  double* od = ptr<double>(sum_dy);
+  double* ox = ptr<double>(sum_dy_xmu);
+  const int64_t C = v.C;
+  if (!v.rows) {
+    const auto opts = v.x.options().dtype(acc_dtype(v.x.scalar_type()));
+    Tensor pd = at::empty({v.N * C}, opts), px = at::empty({v.N * C}, opts);
+    const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
+    const int64_t period = per_sample ? v.N * C : C;
+    at::parallel_for(0, v.N * C, grain, [&](int64_t p0, int64_t p1) {
+      k.plane_grad_sums[act](g, x, v.HW, p0, p1, period, m, s, h, ptr<A>(pd), ptr<A>(px));
+    });
+    const A* id = ptr<const A>(pd);
+    const A* ix = ptr<const A>(px);
+    for (int64_t p = 0; p < v.N * C; ++p) {
+      const int64_t o = per_sample ? p : p % C;
+      od[o] += id[p];
+      ox[o] += ix[p];
+    }
+    return {sum_dy, sum_dy_xmu};
+  }
+  const int64_t samples = per_sample ? v.N : 1;
+  const int64_t rows_per_sample = per_sample ? v.HW : v.N * v.HW;
+  const int64_t R = block_rows(C, 2 * sizeof(T));
+  const int64_t max_tasks = samples * std::max<int64_t>(1, at::get_num_threads());
+  // Per task: double accumulators [2C] then a float block buffer [2C].
+  std::vector<double> acc(static_cast<size_t>(max_tasks * C * 2), 0.0);
+  std::vector<A> blk(static_cast<size_t>(max_tasks * C * 2));
+  const int64_t splits = for_each_row_task(samples, rows_per_sample, R, [&](int64_t t, int64_t n, int64_t r0, int64_t r1) {
+    double* ad = acc.data() + t * C * 2;
+    A* bd = blk.data() + t * C * 2;
+    const int64_t o = per_sample ? n * C : 0;
+    for (int64_t b0 = r0; b0 < r1; b0 += R) {
+      const int64_t rows = std::min(R, r1 - b0);
+      k.row_grad_sums[act](g + b0 * C, x + b0 * C, rows, C, m + o, s + o, h + o, bd, bd + C);
+      for (int64_t c = 0; c < 2 * C; ++c) ad[c] += bd[c];
+    }
+  });
+  for (int64_t n = 0; n < samples; ++n) {
+    for (int64_t sp = 0; sp < splits; ++sp) {
+      const double* ad = acc.data() + (n * splits + sp) * C * 2;
+      for (int64_t c = 0; c < C; ++c) {
+        od[n * C + c] += ad[c];
+        ox[n * C + c] += ad[C + c];
+      }
+    }
+  }
+  return {sum_dy, sum_dy_xmu};
+}
+
+// dx = a * g + b * (x - m) + c.
+template <typename T>
+void channel_grad_input(const ChannelView& v, const Tensor& dy, const Tensor& dx,
+                        const Tensor& a, const Tensor& b, const Tensor& m, const Tensor& c,
+                        const Tensor& scale, const Tensor& shift, bool per_sample, int act) {
+  using A = acc_t<T>;
+  if (v.x.numel() == 0) return;
+  const auto& k = kernels<T>();
+  const T* x = ptr<const T>(v.x);
+  const T* g = ptr<const T>(dy);
+  T* d = ptr<T>(dx);
+  const A *pa = ptr<const A>(a), *pb = ptr<const A>(b), *pm = ptr<const A>(m),
+          *pc = ptr<const A>(c), *ps = ptr<const A>(scale), *ph = ptr<const A>(shift);
+  if (!v.rows) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
+    const int64_t period = per_sample ? v.N * v.C : v.C;
+    at::parallel_for(0, v.N * v.C, grain, [&](int64_t p0, int64_t p1) {
+      k.plane_grad_input[act](g, x, d, v.HW, p0, p1, period, pa, pb, pm, pc, ps, ph);
+    });
+    return;
+  }
+  const int64_t C = v.C;
+  const int64_t grain = std::max<int64_t>(1, 32768 / C);
+  at::parallel_for(0, v.N * v.HW, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1;) {
+      const int64_t n = per_sample ? r / v.HW : 0;
+      const int64_t end = per_sample ? std::min(r1, (n + 1) * v.HW) : r1;
+      const int64_t o = n * C;
+      k.row_grad_input[act](g + r * C, x + r * C, d + r * C, end - r, C, pa + o, pb + o, pm + o,
+                            pc + o, ps + o, ph + o);
+      r = end;
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace normops

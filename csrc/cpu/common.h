@@ -1,0 +1,162 @@
+// Helpers shared by the CPU op files: dtype dispatch onto the kernel storage
+// types, the layout of an (N, C, *) input, argument checks and chunked
+// parallel loops.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <optional>
+
+#include "../moments.h"
+#include "kernels/kernels.h"
+
+namespace normops {
+namespace cpu {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<T>{}) with T the kernel storage type of `dtype`.
+template <typename F>
+void dispatch_floating(at::ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(Tag<float>{});
+    case at::kDouble: return f(Tag<double>{});
+    case at::kBFloat16: return f(Tag<bf16_t>{});
+    case at::kHalf: return f(Tag<half_t>{});
+    default:
+      TORCH_CHECK(false, op, ": expected a floating point input (float32, float64, bfloat16 or ",
+                  "float16), but got ", dtype);
+  }
+}
+
+inline at::ScalarType acc_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+// An (N, C, *) input seen either as N*C contiguous planes of HW elements, or
+// as N*HW rows of C contiguous channels (channels_last, or one spatial
+// element). Any other strides are copied to contiguous first.
+struct ChannelView {
+  Tensor x;
+  bool rows;
+  int64_t N, C, HW;
+};
+
+inline bool is_channels_last_dense(const Tensor& t) {
+  if (t.dim() < 3) return false;
+  const int64_t C = t.size(1);
+  if (C != 1 && t.stride(1) != 1) return false;
+  int64_t expected = C;
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return t.size(0) == 1 || t.stride(0) == expected;
+}
+
+inline ChannelView channel_view(const Tensor& input) {
+  ChannelView v;
+  v.N = input.size(0);
+  v.C = input.size(1);
+  v.HW = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) v.HW *= input.size(d);
+  if (input.is_contiguous()) {
+    v.x = input;
+    v.rows = v.HW == 1;
+  } else if (is_channels_last_dense(input)) {
+    v.x = input;
+    v.rows = true;
+  } else {
+    v.x = input.contiguous();
+    v.rows = v.HW == 1;
+  }
+  return v;
+}
+
+// The output of an elementwise step over `v`: same sizes and strides.
+inline Tensor like(const ChannelView& v) { return at::empty_like(v.x); }
+
+// Parameters and statistics the kernels read, as contiguous accumulation-type
+// vectors; an absent optional is `fill` repeated.
+inline Tensor acc_vector(const OptTensor& t, int64_t n, at::ScalarType acc, double fill) {
+  if (t.has_value() && t->defined()) return t->to(acc).contiguous();
+  return at::full({n}, fill, at::TensorOptions().dtype(acc));
+}
+
+inline bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// Checks that a per-channel (or per-element) parameter has `shape` and a
+// dtype the kernels accept with `input`: the input's, or float32 for
+// bfloat16/float16 input (the mixed precision AMP produces).
+inline void check_param(const Tensor& input, const OptTensor& p, at::IntArrayRef shape,
+                        const char* op, const char* name) {
+  if (!present(p)) return;
+  TORCH_CHECK(p->device() == input.device(), op, ": expected ", name,
+              " to be on the same device as input (", input.device(), "), but got ", p->device());
+  TORCH_CHECK(p->sizes() == shape, op, ": expected ", name, " of shape ", shape, ", but got ",
+              p->sizes());
+  const auto dt = input.scalar_type();
+  const bool ok = p->scalar_type() == dt ||
+                  ((dt == at::kBFloat16 || dt == at::kHalf) && p->scalar_type() == at::kFloat);
+  TORCH_CHECK(ok, op, ": expected ", name, " to have dtype ", dt,
+              (dt == at::kBFloat16 || dt == at::kHalf) ? " or float32" : "", " (the input's), but got ",
+              p->scalar_type());
+}
+
+inline void check_same_device(const Tensor& a, const Tensor& b, const char* op, const char* name) {
+  TORCH_CHECK(a.device() == b.device(), op, ": expected ", name,
+              " to be on the same device as input (", a.device(), "), but got ", b.device());
+}
+
+inline void check_input(const Tensor& input, int64_t min_dim, const char* op) {
+  TORCH_CHECK(input.dim() >= min_dim, op, ": expected an input with at least ", min_dim,
+              " dimensions, but got ", input.dim());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()) &&
+                  input.scalar_type() != at::kFloat8_e4m3fn,
+              op, ": expected a floating point input, but got ", input.scalar_type());
+}
+
+// Number of parallel chunks for `total` units of work with at least
+// `min_per_chunk` units each, at most one per thread.
+inline int64_t num_chunks(int64_t total, int64_t min_per_chunk) {
+  const int64_t by_size = total / (min_per_chunk > 0 ? min_per_chunk : 1);
+  const int64_t threads = at::get_num_threads();
+  return std::max<int64_t>(1, std::min<int64_t>(by_size, threads));
+}
+
+// Runs f(chunk, begin, end) for `chunks` near-equal ranges of [0, total) in
+// parallel. Per-chunk partial results make reductions deterministic for a
+// given chunk count, with no atomics.
+template <typename F>
+void for_each_chunk(int64_t total, int64_t chunks, const F& f) {
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) f(c, total * c / chunks, total * (c + 1) / chunks);
+  });
+}
+
+// Rows per cache block for row-layout reductions over C channels.
+inline int64_t block_rows(int64_t C, int64_t elem_size) {
+  constexpr int64_t kBlockBytes = 64 * 1024;
+  return std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, C * elem_size));
+}
+
+inline int act_index(int64_t activation) {
+  TORCH_CHECK(activation >= 0 && activation < kNumActs,
+              "normops: activation must be 0 (none), 1 (relu) or 2 (relu6), but got ", activation);
+  return static_cast<int>(activation);
+}
+
+}  // namespace cpu
+}  // namespace normops

@@ -1,0 +1,118 @@
+// The CPU kernel primitives every norm op is built from, as a table of
+// function pointers. The table is compiled once per SIMD capability
+// (kernels_default.cpp, kernels_avx2.cpp, kernels_avx512.cpp) and one is
+// chosen at run time (dispatch.cpp), as ATen does with CPU_CAPABILITY.
+//
+// The primitives work on raw pointers, never on tensors: threading, shapes
+// and layouts are decided by the op files in csrc/cpu/, so the
+// capability-specific objects include no ATen header.
+//
+// Two layouts cover every op:
+//  - planes: `count` contiguous spans of `len` elements (NCHW: one span per
+//    (n, c); plane p uses the per-plane constants at index p % period, so
+//    period = C gives per-channel constants, period = N*C per-(n, c) ones);
+//  - rows: `rows` x C row-major blocks (channels_last, and NCHW with one
+//    spatial element); constants are per channel.
+#pragma once
+
+#include <cstdint>
+
+namespace normops {
+namespace cpu {
+
+// Storage types of reduced-precision inputs, bit-compatible with
+// c10::BFloat16 and c10::Half.
+struct bf16_t {
+  uint16_t bits;
+};
+using half_t = _Float16;
+
+// Accumulation type: double for double, float otherwise.
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
+constexpr int kNumActs = 3;  // normops::Act
+
+template <typename T>
+struct Kernels {
+  using A = acc_t<T>;
+
+  // Two-pass moments of each plane p in [p0, p1): mean[p], m2[p].
+  void (*plane_moments)(const T* x, int64_t len, int64_t p0, int64_t p1, A* mean, A* m2);
+  // Two-pass moments of each column of a rows x C block: mean[c], m2[c].
+  void (*column_moments)(const T* x, int64_t rows, int64_t C, A* mean, A* m2);
+  // Chan-merge column moments of a block of count_b rows into accumulators
+  // holding count_a rows.
+  void (*merge_columns)(A* mean, A* m2, A count_a, const A* mean_b, const A* m2_b, A count_b,
+                        int64_t C);
+
+  // y = act(x * scale + shift).
+  void (*plane_affine[kNumActs])(const T* x, T* y, int64_t len, int64_t p0, int64_t p1,
+                                 int64_t period, const A* scale, const A* shift);
+  void (*row_affine[kNumActs])(const T* x, T* y, int64_t rows, int64_t C, const A* scale,
+                               const A* shift);
+
+  // With g = dy masked by the activation's gradient at z = x * scale + shift:
+  // sum_dy = sum(g) and sum_dy_xmu = sum(g * (x - mean)), per plane p (written
+  // at index p) or per channel of a block (written at index c).
+  void (*plane_grad_sums[kNumActs])(const T* dy, const T* x, int64_t len, int64_t p0,
+                                    int64_t p1, int64_t period, const A* mean,
+                                    const A* scale, const A* shift, A* sum_dy,
+                                    A* sum_dy_xmu);
+  void (*row_grad_sums[kNumActs])(const T* dy, const T* x, int64_t rows, int64_t C,
+                                  const A* mean, const A* scale, const A* shift, A* sum_dy,
+                                  A* sum_dy_xmu);
+
+  // dx = a * g + b * (x - m) + c, g as above.
+  void (*plane_grad_input[kNumActs])(const T* dy, const T* x, T* dx, int64_t len, int64_t p0,
+                                     int64_t p1, int64_t period, const A* a, const A* b,
+                                     const A* m, const A* c, const A* scale,
+                                     const A* shift);
+  void (*row_grad_input[kNumActs])(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
+                                   const A* a, const A* b, const A* m, const A* c,
+                                   const A* scale, const A* shift);
+
+  // Layer norm over rows of D contiguous elements: y = (x - mean) * rstd *
+  // gamma + beta, with mean[r], rstd[r] written per row.
+  void (*layer_norm_rows)(const T* x, T* y, int64_t rows, int64_t D, const A* gamma,
+                          const A* beta, A eps, A* mean, A* rstd);
+  // Its backward: dx (when non-null) and, when non-null, dgamma[j] +=
+  // dy * xhat and dbeta[j] += dy accumulated over the rows.
+  void (*layer_norm_backward_rows)(const T* dy, const T* x, T* dx, int64_t rows, int64_t D,
+                                   const A* mean, const A* rstd, const A* gamma, A* dgamma,
+                                   A* dbeta);
+};
+
+namespace cap_default {
+template <typename T>
+const Kernels<T>& kernel_table();
+}
+namespace cap_avx2 {
+template <typename T>
+const Kernels<T>& kernel_table();
+}
+namespace cap_avx512 {
+template <typename T>
+const Kernels<T>& kernel_table();
+}
+
+enum class Capability { Default = 0, AVX2 = 1, AVX512 = 2 };
+
+// The capability in use: the best the CPU supports, or a lower one forced
+// with NORMOPS_CPU_CAPABILITY=default|avx2|avx512 (read once).
+Capability cpu_capability();
+const char* cpu_capability_name();
+
+template <typename T>
+const Kernels<T>& kernels();
+
+}  // namespace cpu
+}  // namespace normops

@@ -1,0 +1,336 @@
+// Bodies of the CPU kernel primitives declared in kernels.h. Included by one
+// translation unit per SIMD capability, inside `namespace NORMOPS_CAP`, after
+// that unit has set its target ISA; the loops are written for the compiler's
+// vectoriser (`omp simd` reductions, no aliasing, unit stride).
+//
+// Blocks of kBlockElems elements are reduced with an exact two-pass while they
+// sit in L1/L2, and blocks are combined with Chan's merge: one read of the
+// data from memory, and the accuracy of a two-pass.
+
+namespace normops {
+namespace cpu {
+namespace NORMOPS_CAP {
+
+constexpr int64_t kBlockElems = 8192;
+
+#define NORMOPS_SIMD _Pragma("omp simd")
+#define NORMOPS_SIMD_SUM(...) _Pragma(NORMOPS_STR(omp simd reduction(+ : __VA_ARGS__)))
+#define NORMOPS_STR(x) #x
+
+#define NORMOPS_INLINE inline __attribute__((always_inline))
+
+NORMOPS_INLINE float load(float v) { return v; }
+NORMOPS_INLINE double load(double v) { return v; }
+NORMOPS_INLINE float load(half_t v) { return static_cast<float>(v); }
+NORMOPS_INLINE float load(bf16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+template <typename T>
+NORMOPS_INLINE T store(acc_t<T> v) {
+  return static_cast<T>(v);
+}
+template <>
+NORMOPS_INLINE bf16_t store<bf16_t>(float v) {
+  // Round to nearest even, NaN kept quiet: what c10::BFloat16 does.
+  uint32_t u;
+  __builtin_memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return bf16_t{static_cast<uint16_t>(v != v ? 0x7fc0u : rounded)};
+}
+
+// Moments of one contiguous span.
+template <typename T>
+NORMOPS_INLINE void span_moments(const T* __restrict x, int64_t len, acc_t<T>& mean,
+                                 acc_t<T>& m2) {
+  using A = acc_t<T>;
+  A count = 0, mu = 0, q = 0;
+  for (int64_t b0 = 0; b0 < len; b0 += kBlockElems) {
+    const int64_t n = len - b0 < kBlockElems ? len - b0 : kBlockElems;
+    const T* __restrict xb = x + b0;
+    A s = 0;
+    NORMOPS_SIMD_SUM(s)
+    for (int64_t i = 0; i < n; ++i) s += load(xb[i]);
+    const A bm = s / A(n);
+    A bq = 0, bd = 0;
+    NORMOPS_SIMD_SUM(bq, bd)
+    for (int64_t i = 0; i < n; ++i) {
+      const A d = load(xb[i]) - bm;
+      bq += d * d;
+      bd += d;
+    }
+    // The corrected two-pass: removes the rounding error left in bm.
+    bq -= bd * bd / A(n);
+    chan_merge(count, mu, q, A(n), bm, bq);
+  }
+  mean = mu;
+  m2 = q;
+}
+
+template <typename T>
+void plane_moments(const T* x, int64_t len, int64_t p0, int64_t p1, acc_t<T>* mean,
+                   acc_t<T>* m2) {
+  for (int64_t p = p0; p < p1; ++p) span_moments(x + p * len, len, mean[p], m2[p]);
+}
+
+template <typename T>
+void column_moments(const T* __restrict x, int64_t rows, int64_t C, acc_t<T>* __restrict mean,
+                    acc_t<T>* __restrict m2) {
+  using A = acc_t<T>;
+  NORMOPS_SIMD
+  for (int64_t c = 0; c < C; ++c) mean[c] = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict xr = x + r * C;
+    NORMOPS_SIMD
+    for (int64_t c = 0; c < C; ++c) mean[c] += load(xr[c]);
+  }
+  const A inv = A(1) / A(rows);
+  NORMOPS_SIMD
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] *= inv;
+    m2[c] = 0;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict xr = x + r * C;
+    NORMOPS_SIMD
+    for (int64_t c = 0; c < C; ++c) {
+      const A d = load(xr[c]) - mean[c];
+      m2[c] += d * d;
+    }
+  }
+}
+
+template <typename A>
+void merge_columns(A* __restrict mean, A* __restrict m2, A count_a, const A* __restrict mean_b,
+                   const A* __restrict m2_b, A count_b, int64_t C) {
+  const A n = count_a + count_b;
+  if (count_b == A(0)) return;
+  const A wb = count_b / n;
+  const A w = count_a * wb;
+  NORMOPS_SIMD
+  for (int64_t c = 0; c < C; ++c) {
+    const A delta = mean_b[c] - mean[c];
+    mean[c] += delta * wb;
+    m2[c] += m2_b[c] + delta * delta * w;
+  }
+}
+
+template <typename T, Act act>
+void plane_affine(const T* x, T* y, int64_t len, int64_t p0, int64_t p1, int64_t period,
+                  const acc_t<T>* scale, const acc_t<T>* shift) {
+  using A = acc_t<T>;
+  for (int64_t p = p0; p < p1; ++p) {
+    const A s = scale[p % period], h = shift[p % period];
+    const T* __restrict xp = x + p * len;
+    T* __restrict yp = y + p * len;
+    NORMOPS_SIMD
+    for (int64_t i = 0; i < len; ++i) yp[i] = store<T>(activate<act>(load(xp[i]) * s + h));
+  }
+}
+
+template <typename T, Act act>
+void row_affine(const T* __restrict x, T* __restrict y, int64_t rows, int64_t C,
+                const acc_t<T>* __restrict scale, const acc_t<T>* __restrict shift) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict xr = x + r * C;
+    T* __restrict yr = y + r * C;
+    NORMOPS_SIMD
+    for (int64_t c = 0; c < C; ++c)
+      yr[c] = store<T>(activate<act>(load(xr[c]) * scale[c] + shift[c]));
+  }
+}
+
+template <typename T, Act act>
+void plane_grad_sums(const T* dy, const T* x, int64_t len, int64_t p0, int64_t p1,
+                     int64_t period, const acc_t<T>* mean, const acc_t<T>* scale,
+                     const acc_t<T>* shift, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xmu) {
+  using A = acc_t<T>;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t k = p % period;
+    const A m = mean[k], s = scale[k], h = shift[k];
+    // Blocks summed in double: long planes keep full accuracy in float.
+    double total_dy = 0, total_dy_xmu = 0;
+    for (int64_t b0 = 0; b0 < len; b0 += kBlockElems) {
+      const int64_t n = len - b0 < kBlockElems ? len - b0 : kBlockElems;
+      const T* __restrict xb = x + p * len + b0;
+      const T* __restrict gb = dy + p * len + b0;
+      A a = 0, b = 0;
+      NORMOPS_SIMD_SUM(a, b)
+      for (int64_t i = 0; i < n; ++i) {
+        const A xv = load(xb[i]);
+        const A g = activation_grad<act>(xv * s + h, A(load(gb[i])));
+        a += g;
+        b += g * (xv - m);
+      }
+      total_dy += a;
+      total_dy_xmu += b;
+    }
+    sum_dy[p] = A(total_dy);
+    sum_dy_xmu[p] = A(total_dy_xmu);
+  }
+}
+
+template <typename T, Act act>
+void row_grad_sums(const T* __restrict dy, const T* __restrict x, int64_t rows, int64_t C,
+                   const acc_t<T>* __restrict mean, const acc_t<T>* __restrict scale,
+                   const acc_t<T>* __restrict shift, acc_t<T>* __restrict sum_dy,
+                   acc_t<T>* __restrict sum_dy_xmu) {
+  using A = acc_t<T>;
+  NORMOPS_SIMD
+  for (int64_t c = 0; c < C; ++c) sum_dy[c] = sum_dy_xmu[c] = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict xr = x + r * C;
+    const T* __restrict gr = dy + r * C;
+    NORMOPS_SIMD
+    for (int64_t c = 0; c < C; ++c) {
+      const A xv = load(xr[c]);
+      const A g = activation_grad<act>(xv * scale[c] + shift[c], A(load(gr[c])));
+      sum_dy[c] += g;
+      sum_dy_xmu[c] += g * (xv - mean[c]);
+    }
+  }
+}
+
+template <typename T, Act act>
+void plane_grad_input(const T* dy, const T* x, T* dx, int64_t len, int64_t p0, int64_t p1,
+                      int64_t period, const acc_t<T>* a, const acc_t<T>* b,
+                      const acc_t<T>* m, const acc_t<T>* c, const acc_t<T>* scale,
+                      const acc_t<T>* shift) {
+  using A = acc_t<T>;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t k = p % period;
+    const A ka = a[k], kb = b[k], km = m[k], kc = c[k], s = scale[k], h = shift[k];
+    const T* __restrict xp = x + p * len;
+    const T* __restrict gp = dy + p * len;
+    T* __restrict dp = dx + p * len;
+    NORMOPS_SIMD
+    for (int64_t i = 0; i < len; ++i) {
+      const A xv = load(xp[i]);
+      const A g = activation_grad<act>(xv * s + h, A(load(gp[i])));
+      dp[i] = store<T>(ka * g + kb * (xv - km) + kc);
+    }
+  }
+}
+
+template <typename T, Act act>
+void row_grad_input(const T* __restrict dy, const T* __restrict x, T* __restrict dx,
+                    int64_t rows, int64_t C, const acc_t<T>* __restrict a,
+                    const acc_t<T>* __restrict b, const acc_t<T>* __restrict m,
+                    const acc_t<T>* __restrict c, const acc_t<T>* __restrict scale,
+                    const acc_t<T>* __restrict shift) {
+  using A = acc_t<T>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict xr = x + r * C;
+    const T* __restrict gr = dy + r * C;
+    T* __restrict dr = dx + r * C;
+    NORMOPS_SIMD
+    for (int64_t j = 0; j < C; ++j) {
+      const A xv = load(xr[j]);
+      const A g = activation_grad<act>(xv * scale[j] + shift[j], A(load(gr[j])));
+      dr[j] = store<T>(a[j] * g + b[j] * (xv - m[j]) + c[j]);
+    }
+  }
+}
+
+template <typename T>
+void layer_norm_rows(const T* x, T* y, int64_t rows, int64_t D, const acc_t<T>* gamma,
+                     const acc_t<T>* beta, acc_t<T> eps, acc_t<T>* mean, acc_t<T>* rstd) {
+  using A = acc_t<T>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict xr = x + r * D;
+    T* __restrict yr = y + r * D;
+    A mu, m2;
+    span_moments(xr, D, mu, m2);
+    const A rs = inv_std(m2 / A(D), eps);
+    mean[r] = mu;
+    rstd[r] = rs;
+    const A* __restrict g = gamma;
+    const A* __restrict bt = beta;
+    NORMOPS_SIMD
+    for (int64_t j = 0; j < D; ++j) yr[j] = store<T>((load(xr[j]) - mu) * rs * g[j] + bt[j]);
+  }
+}
+
+template <typename T>
+void layer_norm_backward_rows(const T* dy, const T* x, T* dx, int64_t rows, int64_t D,
+                              const acc_t<T>* mean, const acc_t<T>* rstd,
+                              const acc_t<T>* gamma, acc_t<T>* dgamma, acc_t<T>* dbeta) {
+  using A = acc_t<T>;
+  const A* __restrict g = gamma;
+  A* __restrict dg = dgamma;
+  A* __restrict db = dbeta;
+  const A inv_d = A(1) / A(D);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict xr = x + r * D;
+    const T* __restrict gr = dy + r * D;
+    const A mu = mean[r], rs = rstd[r];
+    if (dx != nullptr) {
+      // dx = rstd * (dy*gamma - mean(dy*gamma) - xhat * mean(dy*gamma*xhat))
+      A s1 = 0, s2 = 0;
+      NORMOPS_SIMD_SUM(s1, s2)
+      for (int64_t j = 0; j < D; ++j) {
+        const A gg = A(load(gr[j])) * g[j];
+        s1 += gg;
+        s2 += gg * (load(xr[j]) - mu);
+      }
+      const A k1 = s1 * inv_d;
+      const A k2 = s2 * inv_d * rs * rs;
+      T* __restrict dr = dx + r * D;
+      if (dg != nullptr) {
+        NORMOPS_SIMD
+        for (int64_t j = 0; j < D; ++j) {
+          const A dyv = load(gr[j]);
+          const A xm = load(xr[j]) - mu;
+          dr[j] = store<T>(rs * (dyv * g[j] - k1 - xm * k2));
+          dg[j] += dyv * xm * rs;
+          db[j] += dyv;
+        }
+      } else {
+        NORMOPS_SIMD
+        for (int64_t j = 0; j < D; ++j)
+          dr[j] = store<T>(rs * (A(load(gr[j])) * g[j] - k1 - (load(xr[j]) - mu) * k2));
+      }
+    } else if (dg != nullptr) {
+      NORMOPS_SIMD
+      for (int64_t j = 0; j < D; ++j) {
+        const A dyv = load(gr[j]);
+        dg[j] += dyv * (load(xr[j]) - mu) * rs;
+        db[j] += dyv;
+      }
+    }
+  }
+}
+
+template <typename T>
+const Kernels<T>& kernel_table() {
+  static const Kernels<T> table = {
+      &plane_moments<T>,
+      &column_moments<T>,
+      &merge_columns<acc_t<T>>,
+      {&plane_affine<T, Act::None>, &plane_affine<T, Act::ReLU>, &plane_affine<T, Act::ReLU6>},
+      {&row_affine<T, Act::None>, &row_affine<T, Act::ReLU>, &row_affine<T, Act::ReLU6>},
+      {&plane_grad_sums<T, Act::None>, &plane_grad_sums<T, Act::ReLU>,
+       &plane_grad_sums<T, Act::ReLU6>},
+      {&row_grad_sums<T, Act::None>, &row_grad_sums<T, Act::ReLU>,
+       &row_grad_sums<T, Act::ReLU6>},
+      {&plane_grad_input<T, Act::None>, &plane_grad_input<T, Act::ReLU>,
+       &plane_grad_input<T, Act::ReLU6>},
+      {&row_grad_input<T, Act::None>, &row_grad_input<T, Act::ReLU>,
+       &row_grad_input<T, Act::ReLU6>},
+      &layer_norm_rows<T>,
+      &layer_norm_backward_rows<T>,
+  };
+  return table;
+}
+
+template const Kernels<float>& kernel_table<float>();
+template const Kernels<double>& kernel_table<double>();
+template const Kernels<bf16_t>& kernel_table<bf16_t>();
+template const Kernels<half_t>& kernel_table<half_t>();
+
+}  // namespace NORMOPS_CAP
+}  // namespace cpu
+}  // namespace normops

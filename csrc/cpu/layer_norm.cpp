@@ -1,0 +1,136 @@
+// Layer norm on the CPU: rows of the trailing normalized_shape, each reduced
+// with a two-pass while in L1 and normalised in the same visit. The backward
+// computes dx from the same cache-resident row that feeds per-chunk dgamma and
+// dbeta partials, reduced afterwards (no atomics).
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common.h"
+
+namespace normops {
+namespace cpu {
+namespace {
+
+constexpr const char* kOp = "normops.layer_norm";
+
+// (rows, D) of an input normalised over its trailing `shape`.
+std::pair<int64_t, int64_t> check_ln(const Tensor& input, c10::SymIntArrayRef shape_sym,
+                                     const OptTensor& weight, const OptTensor& bias) {
+  check_input(input, 1, kOp);
+  auto shape = C10_AS_INTARRAYREF_SLOW(shape_sym);
+  const int64_t nd = static_cast<int64_t>(shape.size());
+  TORCH_CHECK(nd >= 1, kOp, ": normalized_shape must have at least one dimension");
+  const int64_t axis = input.dim() - nd;
+  bool match = axis >= 0;
+  for (int64_t i = 0; match && i < nd; ++i) match = input.size(axis + i) == shape[i];
+  TORCH_CHECK(match, "Given normalized_shape=", shape, ", expected input with shape [*",
+              [&] {
+                std::string s;
+                for (auto d : shape) s += ", " + std::to_string(d);
+                return s;
+              }(),
+              "], but got input of size", input.sizes());
+  check_param(input, weight, shape, kOp, "weight");
+  check_param(input, bias, shape, kOp, "bias");
+  int64_t D = 1;
+  for (auto d : shape) D *= d;
+  const int64_t rows = D == 0 ? 0 : input.numel() / D;
+  return {rows, D};
+}
+
+std::vector<int64_t> stat_shape(const Tensor& input, int64_t nd) {
+  std::vector<int64_t> s(input.sizes().begin(), input.sizes().end());
+  for (int64_t i = input.dim() - nd; i < input.dim(); ++i) s[i] = 1;
+  return s;
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor& input, c10::SymIntArrayRef shape,
+                                              const OptTensor& weight, const OptTensor& bias,
+                                              double eps) {
+  auto [rows, D] = check_ln(input, shape, weight, bias);
+  const auto acc = acc_dtype(input.scalar_type());
+  Tensor x = input.contiguous();
+  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const auto st = stat_shape(input, shape.size());
+  Tensor mean = at::empty(st, x.options().dtype(acc));
+  Tensor rstd = at::empty(st, x.options().dtype(acc));
+  if (rows == 0 || D == 0) return {out, mean, rstd};
+  Tensor w = acc_vector(weight, D, acc, 1.0), b = acc_vector(bias, D, acc, 0.0);
+  dispatch_floating(input.scalar_type(), kOp, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    const auto& k = kernels<T>();
+    const T* px = ptr<const T>(x);
+    T* py = ptr<T>(out);
+    const int64_t grain = std::max<int64_t>(1, 16384 / D);
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      k.layer_norm_rows(px + r0 * D, py + r0 * D, r1 - r0, D, ptr<const A>(w), ptr<const A>(b),
+                        A(eps), ptr<A>(mean) + r0, ptr<A>(rstd) + r0);
+    });
+  });
+  return {out, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
+    const Tensor& grad_out, const Tensor& input, c10::SymIntArrayRef shape, const Tensor& mean,
+    const Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
+    std::array<bool, 3> output_mask) {
+  auto [rows, D] = check_ln(input, shape, weight, bias);
+  check_same_device(input, grad_out, kOp, "grad_output");
+  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
+              kOp, ": expected grad_output of the input's shape and dtype");
+  TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows, kOp,
+              ": expected mean and rstd with one value per row (", rows, ")");
+  const auto acc = acc_dtype(input.scalar_type());
+  Tensor x = input.contiguous(), dy = grad_out.contiguous();
+  Tensor m = mean.to(acc).contiguous(), r = rstd.to(acc).contiguous();
+  const bool need_dx = output_mask[0];
+  const bool need_params = output_mask[1] || output_mask[2];
+  Tensor grad_input = need_dx ? at::empty_like(x, at::MemoryFormat::Contiguous)
+                              : at::empty({0}, input.options());
+  const int64_t chunks = need_params ? num_chunks(rows, 16) : 1;
+  Tensor partial = at::zeros({2, chunks, need_params ? D : 0}, x.options().dtype(acc));
+  if (rows > 0 && D > 0 && (need_dx || need_params)) {
+    Tensor w = acc_vector(weight, D, acc, 1.0);
+    dispatch_floating(input.scalar_type(), kOp, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      using A = acc_t<T>;
+      const auto& k = kernels<T>();
+      const T* px = ptr<const T>(x);
+      const T* pg = ptr<const T>(dy);
+      T* pd = need_dx ? ptr<T>(grad_input) : nullptr;
+      A* pp = ptr<A>(partial);
+      const int64_t grain = std::max<int64_t>(1, 16384 / D);
+      const auto run = [&](int64_t r0, int64_t r1, A* dg, A* db) {
+        k.layer_norm_backward_rows(pg + r0 * D, px + r0 * D, pd ? pd + r0 * D : nullptr, r1 - r0,
+                                   D, ptr<const A>(m) + r0, ptr<const A>(r) + r0,
+                                   ptr<const A>(w), dg, db);
+      };
+      if (need_params) {
+        for_each_chunk(rows, chunks, [&](int64_t c, int64_t r0, int64_t r1) {
+          run(r0, r1, pp + c * D, pp + (chunks + c) * D);
+        });
+      } else {
+        at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { run(r0, r1, nullptr, nullptr); });
+      }
+    });
+  }
+  // A parameter gradient has the parameter's dtype (the input's when absent).
+  const auto param_grad = [&](bool wanted, const OptTensor& p, int64_t which) {
+    const auto dt = present(p) ? p->scalar_type() : input.scalar_type();
+    if (!wanted) return at::empty({0}, input.options().dtype(dt));
+    return partial[which].sum(0).view(C10_AS_INTARRAYREF_SLOW(shape)).to(dt);
+  };
+  return {grad_input, param_grad(output_mask[1], weight, 0), param_grad(output_mask[2], bias, 1)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(normops, CPU, m) {
+  m.impl("layer_norm", &layer_norm);
+  m.impl("layer_norm_backward", &layer_norm_backward);
+}
+
+}  // namespace cpu
+}  // namespace normops

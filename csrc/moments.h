@@ -1,0 +1,82 @@
+// Shared statistics math for the CPU and CUDA backends.
+//
+// Statistics are kept as (count, mean, M2) triples and merged with Chan's
+// pairwise formula; each block of data is reduced with an exact two-pass
+// (mean first, then centred squares) while it is hot in cache. Never
+// E[x^2] - E[x]^2: it cancels catastrophically for data with a large mean.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+// Always inlined on the host: the CPU kernels are compiled once per SIMD
+// capability, and an out-of-line copy of a shared helper built for AVX-512
+// could otherwise be picked by the linker for the portable path.
+#if defined(__CUDACC__)
+#define NORMOPS_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define NORMOPS_HD inline __attribute__((always_inline))
+#else
+#define NORMOPS_HD inline
+#endif
+
+namespace normops {
+
+// Activation fused after the affine step. The integer values are part of the
+// op schemas (`int activation`), shared with Python.
+enum class Act : int64_t { None = 0, ReLU = 1, ReLU6 = 2 };
+
+template <typename A>
+struct Moments {
+  A count;
+  A mean;
+  A m2;  // sum of squared deviations from the mean
+};
+
+// Chan, Golub & LeVeque: merge the moments of two disjoint samples.
+template <typename A>
+NORMOPS_HD void chan_merge(A& count, A& mean, A& m2, A count_b, A mean_b, A m2_b) {
+  const A n = count + count_b;
+  if (count_b == A(0)) return;
+  const A delta = mean_b - mean;
+  const A wb = count_b / n;
+  mean += delta * wb;
+  m2 += m2_b + delta * delta * count * wb;
+  count = n;
+}
+
+template <typename A>
+NORMOPS_HD void chan_merge(Moments<A>& a, const Moments<A>& b) {
+  chan_merge(a.count, a.mean, a.m2, b.count, b.mean, b.m2);
+}
+
+// Biased variance, as torch.nn normalises with; a zero count gives 0.
+template <typename A>
+NORMOPS_HD A biased_var(const Moments<A>& m) {
+  return m.count > A(0) ? m.m2 / m.count : A(0);
+}
+
+template <typename A>
+NORMOPS_HD A inv_std(A var, A eps) {
+  return A(1) / std::sqrt(var + eps);
+}
+
+// Activation applied to the pre-activation z, and the mask of where it passes
+// gradient: the backward recomputes z from the saved input instead of keeping
+// the output alive.
+template <Act act, typename A>
+NORMOPS_HD A activate(A z) {
+  // Written so that NaN propagates, as torch.relu and F.relu6 do.
+  if (act == Act::ReLU) return z < A(0) ? A(0) : z;
+  if (act == Act::ReLU6) return z < A(0) ? A(0) : (z > A(6) ? A(6) : z);
+  return z;
+}
+
+template <Act act, typename A>
+NORMOPS_HD A activation_grad(A z, A dy) {
+  if (act == Act::ReLU) return z > A(0) ? dy : A(0);
+  if (act == Act::ReLU6) return (z > A(0) && z < A(6)) ? dy : A(0);
+  return dy;
+}
+
+}  // namespace normops

@@ -1,0 +1,73 @@
+// Every normops op schema, in one place. Kernels are attached per backend in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels, autograd and autocast rules
+// are registered in Python (normops/ops/).
+//
+// Statistics outputs are in the accumulation dtype (float32 for half, bfloat16
+// and float32 inputs; float64 for float64). Unrequested gradients come back as
+// 0-element tensors. `activation` is 0 (none), 1 (ReLU) or 2 (ReLU6).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/kernels/kernels.h"
+
+TORCH_LIBRARY(normops, m) {
+  m.set_python_module("normops.ops");
+
+  // Batch norm, in the steps SyncBatchNorm composes: local statistics
+  // (mean, biased var) -> [collective] -> elementwise; backward sums
+  // (sum dy, sum dy*(x-mean)) -> [collective] -> elementwise.
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def(
+      "batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, "
+      "float eps, int activation=0) -> Tensor");
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
+      "Tensor? weight, Tensor? bias, float eps, int activation=0) -> (Tensor sum_dy, Tensor "
+      "sum_dy_xmu)");
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
+      "Tensor? weight, Tensor? bias, Tensor mean_dy, Tensor mean_dy_xmu, float eps, "
+      "int activation=0) -> Tensor");
+  // Single-call forward: batch statistics when training (returned for the
+  // running-stat update), else the running ones (then mean and var are empty).
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps, int activation=0) -> (Tensor out, "
+      "Tensor mean, Tensor var)");
+  m.def(
+      "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor mean, Tensor var, bool training, float eps, int activation, bool[3] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
+  m.def(
+      "layer_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, "
+      "float eps) -> (Tensor out, Tensor mean, Tensor rstd)");
+  m.def(
+      "layer_norm_backward(Tensor grad_out, Tensor input, SymInt[] normalized_shape, "
+      "Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, bool[3] output_mask) -> "
+      "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
+  // Group norm; instance norm is group norm with num_groups == channels.
+  m.def(
+      "group_norm(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps) -> "
+      "(Tensor out, Tensor mean, Tensor rstd)");
+  m.def(
+      "group_norm_backward(Tensor grad_out, Tensor input, int num_groups, Tensor mean, "
+      "Tensor rstd, Tensor? weight, bool[3] output_mask) -> (Tensor grad_input, "
+      "Tensor grad_weight, Tensor grad_bias)");
+}
+
+// A plain extension module: importing it runs the registrations above. Its
+// only function reports which CPU kernel build is in use.
+namespace {
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(normops::cpu::cpu_capability_name());
+}
+PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The CPU kernel build in use: 'default', 'avx2' or 'avx512'."},
+    {nullptr, nullptr, 0, nullptr}};
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

@@ -1,0 +1,47 @@
+"""normops.convert: swap the standard norm modules of a model for normops'."""
+import torch
+
+from . import nn as nnops
+
+# Exact torch.nn type -> normops type. Subclasses of these are left alone:
+# they may override forward.
+_SWAPS = {
+    torch.nn.BatchNorm1d: nnops.BatchNorm1d,
+    torch.nn.BatchNorm2d: nnops.BatchNorm2d,
+    torch.nn.BatchNorm3d: nnops.BatchNorm3d,
+    torch.nn.LayerNorm: nnops.LayerNorm,
+    torch.nn.GroupNorm: nnops.GroupNorm,
+    torch.nn.InstanceNorm1d: nnops.InstanceNorm1d,
+    torch.nn.InstanceNorm2d: nnops.InstanceNorm2d,
+    torch.nn.InstanceNorm3d: nnops.InstanceNorm3d,
+}
+_ACTIVATIONS = {torch.nn.ReLU: "relu", torch.nn.ReLU6: "relu6"}
+
+
+def _fuse_activations(seq: torch.nn.Sequential) -> None:
+    """A BatchNorm2d directly followed by ReLU/ReLU6 in a Sequential becomes a
+    BatchNormAct2d; the activation's slot becomes an Identity, so indices and
+    state_dict keys stay."""
+    names = list(seq._modules)
+    for first, second in zip(names, names[1:]):
+        bn, act = seq._modules[first], seq._modules[second]
+        if type(bn) in (torch.nn.BatchNorm2d, nnops.BatchNorm2d) and type(act) in _ACTIVATIONS:
+            bn.__class__ = nnops.BatchNormAct2d
+            bn.activation = _ACTIVATIONS[type(act)]
+            seq._modules[second] = torch.nn.Identity()
+
+
+def convert(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace, in place, every torch.nn BatchNorm1d/2d/3d, LayerNorm,
+    GroupNorm and InstanceNorm1d/2d/3d in `model` with its normops module, and
+    fuse BatchNorm2d -> ReLU/ReLU6 pairs of an nn.Sequential into
+    BatchNormAct2d. The modules keep their identity, parameters, buffers,
+    hooks and training flag (only their class changes), so optimizers and
+    state_dict keys are unaffected. Returns `model`."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Sequential):
+            _fuse_activations(module)
+        swap = _SWAPS.get(type(module))
+        if swap is not None:
+            module.__class__ = swap
+    return model

@@ -1,0 +1,155 @@
+"""Functional interface: the signatures of torch.nn.functional, computed by
+the normops ops. Batch norm also takes `activation=None|'relu'|'relu6'`,
+fused into the same kernels.
+
+Running statistics are updated here, on the buffers, after the op has
+succeeded: a call that raises leaves them untouched.
+"""
+from typing import List, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .ops.batch_norm import ACTIVATIONS
+
+__all__ = ["batch_norm", "layer_norm", "instance_norm", "group_norm"]
+
+ops = torch.ops.normops
+
+
+def _activation_code(activation: Optional[str]) -> int:
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation must be one of None, 'relu', 'relu6', but got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def _values_per_channel(size) -> int:
+    n = size[0]
+    for s in size[2:]:
+        n *= s
+    return n
+
+
+def _check_floating(input: Tensor, name: str) -> None:
+    if not input.is_floating_point():
+        raise TypeError(f"{name}: expected a floating point input, but got {input.dtype}")
+
+
+def _update_running(running: Optional[Tensor], value: Tensor, momentum: float) -> None:
+    if running is not None:
+        running.mul_(1.0 - momentum).add_(value.to(running.dtype), alpha=momentum)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: Optional[str] = None,
+) -> Tensor:
+    """torch.nn.functional.batch_norm, optionally followed by a fused ReLU or
+    ReLU6."""
+    act = _activation_code(activation)
+    _check_floating(input, "batch_norm")
+    if input.dim() < 2:
+        raise ValueError(f"batch_norm: expected at least 2D input (got {input.dim()}D input)")
+    if training and _values_per_channel(input.size()) == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, "
+            f"got input size {input.size()}")
+    if not training and (running_mean is None or running_var is None):
+        raise RuntimeError(
+            "batch_norm: running_mean and running_var must be defined in evaluation mode")
+    out, mean, var = ops.batch_norm(
+        input, weight, bias, running_mean, running_var, training, eps, act)
+    count = input.numel() // max(input.size(1), 1)
+    if training and count > 0 and (running_mean is not None or running_var is not None):
+        with torch.no_grad():
+            _update_running(running_mean, mean, momentum)
+            # The running variance is unbiased; the normalisation used the biased one.
+            _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
+    return out
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Union[int, List[int], torch.Size],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """torch.nn.functional.layer_norm."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    _check_floating(input, "layer_norm")
+    return ops.layer_norm(input, list(normalized_shape), weight, bias, eps)[0]
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """torch.nn.functional.group_norm."""
+    if input.dim() < 2:
+        raise RuntimeError(
+            f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    _check_floating(input, "group_norm")
+    if input.size(1) % num_groups != 0:
+        raise RuntimeError(
+            "Expected number of channels in input to be divisible by num_groups, but got "
+            f"input of shape {list(input.shape)} and num_groups={num_groups}")
+    if _values_per_channel([input.size(0) * input.size(1) // num_groups, num_groups]
+                           + list(input.size()[2:])) == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{[input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:])}")
+    return ops.group_norm(input, num_groups, weight, bias, eps)[0]
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """torch.nn.functional.instance_norm: group norm with one channel per
+    group, computed in the input's layout (channels_last stays
+    channels_last). The running statistics are the mean over the batch of the
+    per-instance statistics, with the unbiased variance."""
+    _check_floating(input, "instance_norm")
+    if input.dim() < 3:
+        raise ValueError(
+            f"instance_norm: expected at least 3D input (N, C, *) (got {input.dim()}D input)")
+    spatial = _values_per_channel([1, 1] + list(input.size()[2:]))
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                "Expected running_mean and running_var to be defined when use_input_stats is false")
+        return ops.batch_norm(input, weight, bias, running_mean, running_var, False, eps, 0)[0]
+    if spatial == 1:
+        raise ValueError(
+            f"Expected more than 1 spatial element when training, got input size {input.size()}")
+    C = input.size(1)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.shape != (C,):
+            raise RuntimeError(
+                f"instance_norm: expected {name} of shape [{C}], but got {list(t.shape)}")
+    out, mean, rstd = ops.group_norm(input, C, weight, bias, eps)
+    if input.size(0) > 0 and (running_mean is not None or running_var is not None):
+        with torch.no_grad():
+            _update_running(running_mean, mean.mean(0), momentum)
+            var = (rstd.double().pow(-2) - eps).clamp_min(0) * (spatial / (spatial - 1))
+            _update_running(running_var, var.mean(0), momentum)
+    return out

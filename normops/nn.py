@@ -1,0 +1,107 @@
+"""Drop-in modules. Each subclasses its torch.nn counterpart, so constructor
+arguments, defaults, parameters, buffers, state_dict keys, checkpoint loading
+and isinstance checks are torch's own; only the computation is normops'.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "LayerNorm",
+    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm",
+]
+
+
+class _BatchNormForward:
+    """torch's _BatchNorm.forward on normops.functional.batch_norm, with the
+    module's fused activation (None for plain batch norm). num_batches_tracked
+    moves only once the op has succeeded."""
+
+    activation: Optional[str] = None
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        tracking = self.training and self.track_running_stats
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if tracking and self.num_batches_tracked is not None and self.momentum is None:
+            momentum = 1.0 / float(self.num_batches_tracked + 1)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        pass_buffers = not self.training or self.track_running_stats
+        out = F.batch_norm(
+            input,
+            self.running_mean if pass_buffers else None,
+            self.running_var if pass_buffers else None,
+            self.weight, self.bias, use_batch_stats, momentum, self.eps,
+            activation=self.activation)
+        if tracking and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        return out
+
+
+class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
+    __doc__ = torch.nn.BatchNorm1d.__doc__
+
+
+class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
+    __doc__ = torch.nn.BatchNorm2d.__doc__
+
+
+class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
+    __doc__ = torch.nn.BatchNorm3d.__doc__
+
+
+class BatchNormAct2d(BatchNorm2d):
+    """BatchNorm2d followed by a fused ReLU or ReLU6 (or nothing). Same
+    parameters, buffers and state_dict as a BatchNorm2d; the backward keeps
+    only the input (the activation mask is recomputed from it)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 activation: Optional[str] = "relu", device=None, dtype=None) -> None:
+        F._activation_code(activation)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    __doc__ = torch.nn.LayerNorm.__doc__
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class GroupNorm(torch.nn.GroupNorm):
+    __doc__ = torch.nn.GroupNorm.__doc__
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class _InstanceNormApply:
+    """torch's _InstanceNorm keeps its checks, no-batch-dim handling and
+    warnings; only the normalisation itself is replaced."""
+
+    def _apply_instance_norm(self, input: Tensor) -> Tensor:
+        return F.instance_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0, self.eps)
+
+
+class InstanceNorm1d(_InstanceNormApply, torch.nn.InstanceNorm1d):
+    __doc__ = torch.nn.InstanceNorm1d.__doc__
+
+
+class InstanceNorm2d(_InstanceNormApply, torch.nn.InstanceNorm2d):
+    __doc__ = torch.nn.InstanceNorm2d.__doc__
+
+
+class InstanceNorm3d(_InstanceNormApply, torch.nn.InstanceNorm3d):
+    __doc__ = torch.nn.InstanceNorm3d.__doc__

@@ -1,0 +1,50 @@
+"""Output layouts and dtypes of the normops kernels, for the fake kernels.
+
+They mirror csrc/cpu/common.h: an (N, C, *) input that is contiguous or
+channels_last-dense is used as it is and its output has its strides; any other
+input is copied to contiguous first.
+"""
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the statistics: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_channels_last_dense(x: torch.Tensor) -> bool:
+    if x.dim() < 3:
+        return False
+    C = x.size(1)
+    if C != 1 and x.stride(1) != 1:
+        return False
+    expected = C
+    for d in range(x.dim() - 1, 1, -1):
+        if x.size(d) != 1 and x.stride(d) != expected:
+            return False
+        expected *= x.size(d)
+    return x.size(0) == 1 or x.stride(0) == expected
+
+
+def empty_like_channels(x: torch.Tensor) -> torch.Tensor:
+    """The output the kernels allocate for an (N, C, *) input."""
+    if x.is_contiguous() or is_channels_last_dense(x):
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def empty_stats(x: torch.Tensor, *shape) -> torch.Tensor:
+    return x.new_empty(shape, dtype=acc_dtype(x.dtype))
+
+
+def empty_param_grad(x, param, wanted, shape):
+    """A parameter gradient: `shape` when wanted, else 0 elements; the
+    parameter's dtype, or the input's when it is absent."""
+    dtype = param.dtype if param is not None else x.dtype
+    return x.new_empty(shape if wanted else (0,), dtype=dtype)
+
+
+def needs_double_backward(*tensors) -> bool:
+    """True when the backward itself is being differentiated (create_graph)."""
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)

@@ -1,0 +1,94 @@
+"""Registrations of the batch-norm ops: fake kernels and autograd."""
+import torch
+import torch.nn.functional as F
+
+from ._layout import (empty_like_channels, empty_param_grad, empty_stats,
+                      needs_double_backward)
+
+ops = torch.ops.normops
+
+ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
+
+
+def apply_activation(y, activation: int):
+    if activation == 1:
+        return F.relu(y)
+    if activation == 2:
+        return F.relu6(y)
+    return y
+
+
+@torch.library.register_fake("normops::batch_norm_stats")
+def _(input):
+    C = input.size(1)
+    return empty_stats(input, C), empty_stats(input, C)
+
+
+@torch.library.register_fake("normops::batch_norm_elemt")
+def _(input, weight, bias, mean, var, eps, activation=0):
+    return empty_like_channels(input)
+
+
+@torch.library.register_fake("normops::batch_norm_backward_reduce")
+def _(grad_out, input, mean, var, weight, bias, eps, activation=0):
+    C = input.size(1)
+    return empty_stats(input, C), empty_stats(input, C)
+
+
+@torch.library.register_fake("normops::batch_norm_backward_elemt")
+def _(grad_out, input, mean, var, weight, bias, mean_dy, mean_dy_xmu, eps, activation=0):
+    return empty_like_channels(input)
+
+
+@torch.library.register_fake("normops::batch_norm")
+def _(input, weight, bias, running_mean, running_var, training, eps, activation=0):
+    n = input.size(1) if training else 0
+    return empty_like_channels(input), empty_stats(input, n), empty_stats(input, n)
+
+
+@torch.library.register_fake("normops::batch_norm_backward")
+def _(grad_out, input, weight, bias, mean, var, training, eps, activation, output_mask):
+    C = input.size(1)
+    grad_input = empty_like_channels(input) if output_mask[0] else input.new_empty((0,))
+    return (grad_input, empty_param_grad(input, weight, output_mask[1], (C,)),
+            empty_param_grad(input, bias, output_mask[2], (C,)))
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, running_mean, running_var, training, eps, activation = inputs
+    _, mean, var = output
+    if not training:
+        mean, var = running_mean, running_var
+    ctx.save_for_backward(input, weight, bias, mean, var)
+    ctx.training, ctx.eps, ctx.activation = training, eps, activation
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    input, weight, bias, mean, var = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if needs_double_backward(grad_out, input, weight, bias):
+        grads = _differentiable_backward(ctx, grad_out, input, weight, bias, mean, var)
+    else:
+        grads = ops.batch_norm_backward(
+            grad_out, input, weight, bias, mean, var, ctx.training, ctx.eps,
+            ctx.activation, [needs[0], needs[1], needs[2]])
+        grads = [g if n else None for g, n in zip(grads, needs[:3])]
+    return grads[0], grads[1], grads[2], None, None, None, None, None
+
+
+def _differentiable_backward(ctx, grad_out, input, weight, bias, mean, var):
+    """The same gradients through torch's differentiable batch norm, so that a
+    graph is built for double backward (gradient penalties)."""
+    wanted = [t for t, n in zip((input, weight, bias), ctx.needs_input_grad) if n]
+    with torch.enable_grad():
+        if ctx.training:
+            y = F.batch_norm(input, None, None, weight, bias, True, 0.0, ctx.eps)
+        else:
+            y = F.batch_norm(input, mean, var, weight, bias, False, 0.0, ctx.eps)
+        y = apply_activation(y, ctx.activation)
+        found = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True))
+    return [next(found) if n else None for n in ctx.needs_input_grad[:3]]
+
+
+torch.library.register_autograd("normops::batch_norm", _backward, setup_context=_setup_context)

@@ -1,0 +1,51 @@
+"""Registrations of the group-norm ops (instance norm included): fake kernels
+and autograd."""
+import torch
+import torch.nn.functional as F
+
+from ._layout import empty_like_channels, empty_param_grad, empty_stats, needs_double_backward
+
+ops = torch.ops.normops
+
+
+@torch.library.register_fake("normops::group_norm")
+def _(input, num_groups, weight, bias, eps):
+    N = input.size(0)
+    return (empty_like_channels(input), empty_stats(input, N, num_groups),
+            empty_stats(input, N, num_groups))
+
+
+@torch.library.register_fake("normops::group_norm_backward")
+def _(grad_out, input, num_groups, mean, rstd, weight, output_mask):
+    C = input.size(1)
+    grad_input = empty_like_channels(input) if output_mask[0] else input.new_empty((0,))
+    return (grad_input, empty_param_grad(input, weight, output_mask[1], (C,)),
+            empty_param_grad(input, weight, output_mask[2], (C,)))
+
+
+def _setup_context(ctx, inputs, output):
+    input, num_groups, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(input, weight, bias, mean, rstd)
+    ctx.num_groups, ctx.eps = num_groups, eps
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if needs_double_backward(grad_out, input, weight, bias):
+        wanted = [t for t, n in zip((input, None, weight, bias), needs) if n]
+        with torch.enable_grad():
+            y = F.group_norm(input, ctx.num_groups, weight, bias, ctx.eps)
+            found = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True))
+        gi, gw, gb = (next(found) if needs[i] else None for i in (0, 2, 3))
+    else:
+        gi, gw, gb = ops.group_norm_backward(
+            grad_out, input, ctx.num_groups, mean, rstd, weight,
+            [needs[0], needs[2], needs[3]])
+        gi, gw, gb = (g if needs[i] else None for g, i in zip((gi, gw, gb), (0, 2, 3)))
+    return gi, None, gw, gb, None
+
+
+torch.library.register_autograd("normops::group_norm", _backward, setup_context=_setup_context)
