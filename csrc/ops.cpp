@@ -11,8 +11,6 @@
 #include "cpu/kernels/kernels.h"
 
 TORCH_LIBRARY(normops, m) {
-  m.set_python_module("normops.ops");
-
   // Batch norm, in the steps SyncBatchNorm composes: local statistics
   // (mean, biased var) -> [collective] -> elementwise; backward sums
   // (sum dy, sum dy*(x-mean)) -> [collective] -> elementwise.

@@ -34,9 +34,10 @@ void check_affine(const Tensor& input, const OptTensor& weight, const OptTensor&
 }
 
 // Per-channel constants of the normalisation with statistics (mean, var):
-// invstd, and the folded affine y = x * scale + shift.
+// y = (x - mean) * scale + bias with scale = invstd * weight. Double
+// precision, and the accumulation dtype (acc_*) for the kernels.
 struct Folded {
-  Tensor mean, invstd, weight, scale, shift;
+  Tensor mean, invstd, weight, acc_mean, acc_scale, acc_bias;
 };
 
 Folded fold(const Tensor& mean, const Tensor& var, const OptTensor& weight, const OptTensor& bias,
@@ -46,21 +47,11 @@ Folded fold(const Tensor& mean, const Tensor& var, const OptTensor& weight, cons
   f.mean = mean.to(at::kDouble).contiguous();
   Tensor v = var.to(at::kDouble).contiguous();
   Tensor w = acc_vector(weight, C, at::kDouble, 1.0);
-  Tensor b = acc_vector(bias, C, at::kDouble, 0.0);
-  Tensor invstd = at::empty({C}, f.mean.options());
-  Tensor scale = at::empty({C}, f.mean.options()), shift = at::empty({C}, f.mean.options());
-  const double *pm = ptr<double>(f.mean), *pv = ptr<double>(v), *pw = ptr<double>(w),
-               *pb = ptr<double>(b);
-  double *pi = ptr<double>(invstd), *ps = ptr<double>(scale), *ph = ptr<double>(shift);
-  for (int64_t c = 0; c < C; ++c) {
-    pi[c] = 1.0 / std::sqrt(pv[c] + eps);
-    ps[c] = pi[c] * pw[c];
-    ph[c] = pb[c] - pm[c] * ps[c];
-  }
-  f.invstd = invstd;
+  f.invstd = (v + eps).rsqrt();
   f.weight = w;
-  f.scale = scale.to(acc);
-  f.shift = shift.to(acc);
+  f.acc_mean = f.mean.to(acc);
+  f.acc_scale = (f.invstd * w).to(acc);
+  f.acc_bias = acc_vector(bias, C, acc, 0.0);
   return f;
 }
 
@@ -83,7 +74,7 @@ Tensor elemt_impl(const ChannelView& v, const OptTensor& weight, const OptTensor
   Folded f = fold(mean, var, weight, bias, eps, acc);
   dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    channel_affine<T>(v, out, f.scale, f.shift, /*per_sample=*/false, act);
+    channel_affine<T>(v, out, f.acc_mean, f.acc_scale, f.acc_bias, /*per_sample=*/false, act);
   });
   return out;
 }
@@ -129,11 +120,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm(const Tensor& input, const OptTens
 std::pair<Tensor, Tensor> reduce_impl(const ChannelView& v, const Tensor& dy, const Folded& f,
                                       int act) {
   std::pair<Tensor, Tensor> sums;
-  const auto acc = acc_dtype(v.x.scalar_type());
-  Tensor mean = f.mean.to(acc);
   dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    sums = channel_grad_sums<T>(v, dy, mean, f.scale, f.shift, /*per_sample=*/false, act);
+    sums = channel_grad_sums<T>(v, dy, f.acc_mean, f.acc_scale, f.acc_bias, /*per_sample=*/false,
+                                act);
   });
   return sums;
 }
@@ -156,10 +146,11 @@ Tensor grad_input_impl(const ChannelView& v, const Tensor& dy, const Folded& f,
     pc[ch] = -pa[ch] * pmd[ch];
   }
   Tensor dx = like(v);
-  Tensor aa = a.to(acc), bb = b.to(acc), cc = c.to(acc), mm = f.mean.to(acc);
+  Tensor aa = a.to(acc), bb = b.to(acc), cc = c.to(acc);
   dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    channel_grad_input<T>(v, dy, dx, aa, bb, mm, cc, f.scale, f.shift, /*per_sample=*/false, act);
+    channel_grad_input<T>(v, dy, dx, aa, bb, f.acc_mean, cc, f.acc_scale, f.acc_bias,
+                          /*per_sample=*/false, act);
   });
   return dx;
 }

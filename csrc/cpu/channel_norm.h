@@ -114,22 +114,23 @@ std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample)
   return {mean, m2};
 }
 
-// out = act(x * scale + shift).
+// out = act((x - mean) * scale + bias).
 template <typename T>
-void channel_affine(const ChannelView& v, const Tensor& out, const Tensor& scale,
-                    const Tensor& shift, bool per_sample, int act) {
+void channel_affine(const ChannelView& v, const Tensor& out, const Tensor& mean,
+                    const Tensor& scale, const Tensor& bias, bool per_sample, int act) {
   using A = acc_t<T>;
   if (v.x.numel() == 0) return;
   const auto& k = kernels<T>();
   const T* x = ptr<const T>(v.x);
   T* y = ptr<T>(out);
+  const A* m = ptr<const A>(mean);
   const A* s = ptr<const A>(scale);
-  const A* h = ptr<const A>(shift);
+  const A* h = ptr<const A>(bias);
   if (!v.rows) {
     const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
     const int64_t period = per_sample ? v.N * v.C : v.C;
     at::parallel_for(0, v.N * v.C, grain, [&](int64_t p0, int64_t p1) {
-      k.plane_affine[act](x, y, v.HW, p0, p1, period, s, h);
+      k.plane_affine[act](x, y, v.HW, p0, p1, period, m, s, h);
     });
     return;
   }
@@ -137,7 +138,7 @@ void channel_affine(const ChannelView& v, const Tensor& out, const Tensor& scale
   const int64_t grain = std::max<int64_t>(1, 32768 / C);
   if (!per_sample) {
     at::parallel_for(0, v.N * v.HW, grain, [&](int64_t r0, int64_t r1) {
-      k.row_affine[act](x + r0 * C, y + r0 * C, r1 - r0, C, s, h);
+      k.row_affine[act](x + r0 * C, y + r0 * C, r1 - r0, C, m, s, h);
     });
     return;
   }
@@ -146,18 +147,18 @@ void channel_affine(const ChannelView& v, const Tensor& out, const Tensor& scale
     for (int64_t r = r0; r < r1;) {
       const int64_t n = r / v.HW;
       const int64_t end = std::min(r1, (n + 1) * v.HW);
-      k.row_affine[act](x + r * C, y + r * C, end - r, C, s + n * C, h + n * C);
+      k.row_affine[act](x + r * C, y + r * C, end - r, C, m + n * C, s + n * C, h + n * C);
       r = end;
     }
   });
 }
 
 // Per channel or per (n, c): sum of g and of g * (x - mean), where g is dy
-// masked by the activation at x * scale + shift. Double tensors.
+// masked by the activation at (x - mean) * scale + bias. Double tensors.
 template <typename T>
 std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& dy,
                                             const Tensor& mean, const Tensor& scale,
-                                            const Tensor& shift, bool per_sample, int act) {
+                                            const Tensor& bias, bool per_sample, int act) {
   using A = acc_t<T>;
   const auto& k = kernels<T>();
   const auto dopts = v.x.options().dtype(at::kDouble);
@@ -168,7 +169,7 @@ std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& 
   const T* g = ptr<const T>(dy);
   const A* m = ptr<const A>(mean);
   const A* s = ptr<const A>(scale);
-  const A* h = ptr<const A>(shift);
+  const A* h = ptr<const A>(bias);
   double* od = ptr<double>(sum_dy);
   double* ox = ptr<double>(sum_dy_xmu);
   const int64_t C = v.C;
@@ -218,11 +219,11 @@ std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& 
   return {sum_dy, sum_dy_xmu};
 }
 
-// dx = a * g + b * (x - m) + c.
+// dx = a * g + b * (x - m) + c, g masked at (x - m) * scale + bias.
 template <typename T>
 void channel_grad_input(const ChannelView& v, const Tensor& dy, const Tensor& dx,
                         const Tensor& a, const Tensor& b, const Tensor& m, const Tensor& c,
-                        const Tensor& scale, const Tensor& shift, bool per_sample, int act) {
+                        const Tensor& scale, const Tensor& bias, bool per_sample, int act) {
   using A = acc_t<T>;
   if (v.x.numel() == 0) return;
   const auto& k = kernels<T>();
@@ -230,7 +231,7 @@ void channel_grad_input(const ChannelView& v, const Tensor& dy, const Tensor& dx
   const T* g = ptr<const T>(dy);
   T* d = ptr<T>(dx);
   const A *pa = ptr<const A>(a), *pb = ptr<const A>(b), *pm = ptr<const A>(m),
-          *pc = ptr<const A>(c), *ps = ptr<const A>(scale), *ph = ptr<const A>(shift);
+          *pc = ptr<const A>(c), *ps = ptr<const A>(scale), *ph = ptr<const A>(bias);
   if (!v.rows) {
     const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
     const int64_t period = per_sample ? v.N * v.C : v.C;

@@ -58,11 +58,10 @@ std::tuple<Tensor, Tensor, Tensor> group_norm(const Tensor& input, int64_t group
     }
     rstd_g = (var_g + eps).rsqrt();
     Tensor w = acc_vector(weight, C, at::kDouble, 1.0).view({1, C});
-    Tensor b = acc_vector(bias, C, at::kDouble, 0.0).view({1, C});
     Tensor scale = per_channel(rstd_g, N, C, G).view({N, C}) * w;
-    Tensor shift = b - per_channel(mean_g, N, C, G).view({N, C}) * scale;
-    channel_affine<T>(v, out, scale.to(acc).reshape({N * C}), shift.to(acc).reshape({N * C}),
-                      /*per_sample=*/true, 0);
+    Tensor b = acc_vector(bias, C, acc, 0.0).view({1, C}).expand({N, C}).reshape({N * C});
+    channel_affine<T>(v, out, per_channel(mean_g, N, C, G).to(acc), scale.to(acc).reshape({N * C}),
+                      b.contiguous(), /*per_sample=*/true, 0);
   });
   return {out, mean_g.to(acc), rstd_g.to(acc)};
 }
@@ -83,7 +82,6 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_backward(const Tensor& grad_out,
   ChannelView v = channel_view(input);
   Tensor dy = match_layout(grad_out, v);
   const auto acc = acc_dtype(input.scalar_type());
-  const auto dopts = input.options().dtype(at::kDouble);
   Tensor mean_d = mean.to(at::kDouble).reshape({N, G});
   Tensor rstd_d = rstd.to(at::kDouble).reshape({N, G});
   Tensor mean_c = per_channel(mean_d, N, C, G);

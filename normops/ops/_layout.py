@@ -48,3 +48,13 @@ def needs_double_backward(*tensors) -> bool:
     """True when the backward itself is being differentiated (create_graph)."""
     return torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
+
+
+def check_devices(op: str, input: torch.Tensor, **tensors) -> None:
+    """The kernels' device check, in the fake kernels too (a meta tensor
+    beside a real one dispatches to the fake)."""
+    for name, t in tensors.items():
+        torch._check(
+            t is None or t.device == input.device,
+            lambda: f"{op}: expected {name} to be on the same device as input "
+                    f"({input.device}), but got {t.device}")

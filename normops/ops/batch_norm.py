@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from ._layout import (empty_like_channels, empty_param_grad, empty_stats,
+from ._layout import (check_devices, empty_like_channels, empty_param_grad, empty_stats,
                       needs_double_backward)
 
 ops = torch.ops.normops
@@ -26,6 +26,7 @@ def _(input):
 
 @torch.library.register_fake("normops::batch_norm_elemt")
 def _(input, weight, bias, mean, var, eps, activation=0):
+    check_devices("normops.batch_norm", input, weight=weight, bias=bias, mean=mean, var=var)
     return empty_like_channels(input)
 
 
@@ -42,6 +43,8 @@ def _(grad_out, input, mean, var, weight, bias, mean_dy, mean_dy_xmu, eps, activ
 
 @torch.library.register_fake("normops::batch_norm")
 def _(input, weight, bias, running_mean, running_var, training, eps, activation=0):
+    check_devices("normops.batch_norm", input, weight=weight, bias=bias,
+                  running_mean=running_mean, running_var=running_var)
     n = input.size(1) if training else 0
     return empty_like_channels(input), empty_stats(input, n), empty_stats(input, n)
 

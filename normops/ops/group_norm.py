@@ -3,13 +3,15 @@ and autograd."""
 import torch
 import torch.nn.functional as F
 
-from ._layout import empty_like_channels, empty_param_grad, empty_stats, needs_double_backward
+from ._layout import (check_devices, empty_like_channels, empty_param_grad, empty_stats,
+                      needs_double_backward)
 
 ops = torch.ops.normops
 
 
 @torch.library.register_fake("normops::group_norm")
 def _(input, num_groups, weight, bias, eps):
+    check_devices("normops.group_norm", input, weight=weight, bias=bias)
     N = input.size(0)
     return (empty_like_channels(input), empty_stats(input, N, num_groups),
             empty_stats(input, N, num_groups))

@@ -2,13 +2,14 @@
 import torch
 import torch.nn.functional as F
 
-from ._layout import empty_param_grad, needs_double_backward, acc_dtype
+from ._layout import acc_dtype, check_devices, empty_param_grad, needs_double_backward
 
 ops = torch.ops.normops
 
 
 @torch.library.register_fake("normops::layer_norm")
 def _(input, normalized_shape, weight, bias, eps):
+    check_devices("normops.layer_norm", input, weight=weight, bias=bias)
     nd = len(normalized_shape)
     stat_shape = list(input.shape[: input.dim() - nd]) + [1] * nd
     out = input.new_empty(input.shape)

@@ -54,31 +54,33 @@ struct Kernels {
   void (*merge_columns)(A* mean, A* m2, A count_a, const A* mean_b, const A* m2_b, A count_b,
                         int64_t C);
 
-  // y = act(x * scale + shift).
+  // y = act((x - mean) * scale + bias). Centring first keeps the result
+  // accurate for data with a large mean.
   void (*plane_affine[kNumActs])(const T* x, T* y, int64_t len, int64_t p0, int64_t p1,
-                                 int64_t period, const A* scale, const A* shift);
-  void (*row_affine[kNumActs])(const T* x, T* y, int64_t rows, int64_t C, const A* scale,
-                               const A* shift);
+                                 int64_t period, const A* mean, const A* scale, const A* bias);
+  void (*row_affine[kNumActs])(const T* x, T* y, int64_t rows, int64_t C, const A* mean,
+                               const A* scale, const A* bias);
 
-  // With g = dy masked by the activation's gradient at z = x * scale + shift:
-  // sum_dy = sum(g) and sum_dy_xmu = sum(g * (x - mean)), per plane p (written
-  // at index p) or per channel of a block (written at index c).
+  // With g = dy masked by the activation's gradient at the pre-activation
+  // z = (x - mean) * scale + bias: sum_dy = sum(g) and sum_dy_xmu =
+  // sum(g * (x - mean)), per plane p (written at index p) or per channel of a
+  // block (written at index c).
   void (*plane_grad_sums[kNumActs])(const T* dy, const T* x, int64_t len, int64_t p0,
                                     int64_t p1, int64_t period, const A* mean,
-                                    const A* scale, const A* shift, A* sum_dy,
+                                    const A* scale, const A* bias, A* sum_dy,
                                     A* sum_dy_xmu);
   void (*row_grad_sums[kNumActs])(const T* dy, const T* x, int64_t rows, int64_t C,
-                                  const A* mean, const A* scale, const A* shift, A* sum_dy,
+                                  const A* mean, const A* scale, const A* bias, A* sum_dy,
                                   A* sum_dy_xmu);
 
-  // dx = a * g + b * (x - m) + c, g as above.
+  // dx = a * g + b * (x - m) + c, g as above with mean = m.
   void (*plane_grad_input[kNumActs])(const T* dy, const T* x, T* dx, int64_t len, int64_t p0,
                                      int64_t p1, int64_t period, const A* a, const A* b,
                                      const A* m, const A* c, const A* scale,
-                                     const A* shift);
+                                     const A* bias);
   void (*row_grad_input[kNumActs])(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
                                    const A* a, const A* b, const A* m, const A* c,
-                                   const A* scale, const A* shift);
+                                   const A* scale, const A* bias);
 
   // Layer norm over rows of D contiguous elements: y = (x - mean) * rstd *
   // gamma + beta, with mean[r], rstd[r] written per row.

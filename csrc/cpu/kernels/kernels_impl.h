@@ -51,10 +51,12 @@ NORMOPS_INLINE void span_moments(const T* __restrict x, int64_t len, acc_t<T>& m
   for (int64_t b0 = 0; b0 < len; b0 += kBlockElems) {
     const int64_t n = len - b0 < kBlockElems ? len - b0 : kBlockElems;
     const T* __restrict xb = x + b0;
+    // Shifted by the block's first value, as in column_moments.
+    const A shift = load(xb[0]);
     A s = 0;
     NORMOPS_SIMD_SUM(s)
-    for (int64_t i = 0; i < n; ++i) s += load(xb[i]);
-    const A bm = s / A(n);
+    for (int64_t i = 0; i < n; ++i) s += load(xb[i]) - shift;
+    const A bm = shift + s / A(n);
     A bq = 0, bd = 0;
     NORMOPS_SIMD_SUM(bq, bd)
     for (int64_t i = 0; i < n; ++i) {
@@ -80,17 +82,21 @@ template <typename T>
 void column_moments(const T* __restrict x, int64_t rows, int64_t C, acc_t<T>* __restrict mean,
                     acc_t<T>* __restrict m2) {
   using A = acc_t<T>;
+  // First pass on data shifted by the block's first row: the sums stay at the
+  // scale of the spread, not of the mean, so a float sum of thousands of rows
+  // still gives the mean to rounding.
+  const T* __restrict x0 = x;
   NORMOPS_SIMD
   for (int64_t c = 0; c < C; ++c) mean[c] = 0;
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 1; r < rows; ++r) {
     const T* __restrict xr = x + r * C;
     NORMOPS_SIMD
-    for (int64_t c = 0; c < C; ++c) mean[c] += load(xr[c]);
+    for (int64_t c = 0; c < C; ++c) mean[c] += load(xr[c]) - load(x0[c]);
   }
   const A inv = A(1) / A(rows);
   NORMOPS_SIMD
   for (int64_t c = 0; c < C; ++c) {
-    mean[c] *= inv;
+    mean[c] = load(x0[c]) + mean[c] * inv;
     m2[c] = 0;
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -120,37 +126,39 @@ void merge_columns(A* __restrict mean, A* __restrict m2, A count_a, const A* __r
 
 template <typename T, Act act>
 void plane_affine(const T* x, T* y, int64_t len, int64_t p0, int64_t p1, int64_t period,
-                  const acc_t<T>* scale, const acc_t<T>* shift) {
+                  const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* bias) {
   using A = acc_t<T>;
   for (int64_t p = p0; p < p1; ++p) {
-    const A s = scale[p % period], h = shift[p % period];
+    const int64_t k = p % period;
+    const A m = mean[k], s = scale[k], h = bias[k];
     const T* __restrict xp = x + p * len;
     T* __restrict yp = y + p * len;
     NORMOPS_SIMD
-    for (int64_t i = 0; i < len; ++i) yp[i] = store<T>(activate<act>(load(xp[i]) * s + h));
+    for (int64_t i = 0; i < len; ++i) yp[i] = store<T>(activate<act>((load(xp[i]) - m) * s + h));
   }
 }
 
 template <typename T, Act act>
 void row_affine(const T* __restrict x, T* __restrict y, int64_t rows, int64_t C,
-                const acc_t<T>* __restrict scale, const acc_t<T>* __restrict shift) {
+                const acc_t<T>* __restrict mean, const acc_t<T>* __restrict scale,
+                const acc_t<T>* __restrict bias) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict xr = x + r * C;
     T* __restrict yr = y + r * C;
     NORMOPS_SIMD
     for (int64_t c = 0; c < C; ++c)
-      yr[c] = store<T>(activate<act>(load(xr[c]) * scale[c] + shift[c]));
+      yr[c] = store<T>(activate<act>((load(xr[c]) - mean[c]) * scale[c] + bias[c]));
   }
 }
 
 template <typename T, Act act>
 void plane_grad_sums(const T* dy, const T* x, int64_t len, int64_t p0, int64_t p1,
                      int64_t period, const acc_t<T>* mean, const acc_t<T>* scale,
-                     const acc_t<T>* shift, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xmu) {
+                     const acc_t<T>* bias, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xmu) {
   using A = acc_t<T>;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t k = p % period;
-    const A m = mean[k], s = scale[k], h = shift[k];
+    const A m = mean[k], s = scale[k], h = bias[k];
     // Blocks summed in double: long planes keep full accuracy in float.
     double total_dy = 0, total_dy_xmu = 0;
     for (int64_t b0 = 0; b0 < len; b0 += kBlockElems) {
@@ -161,7 +169,7 @@ void plane_grad_sums(const T* dy, const T* x, int64_t len, int64_t p0, int64_t p
       NORMOPS_SIMD_SUM(a, b)
       for (int64_t i = 0; i < n; ++i) {
         const A xv = load(xb[i]);
-        const A g = activation_grad<act>(xv * s + h, A(load(gb[i])));
+        const A g = activation_grad<act>((xv - m) * s + h, A(load(gb[i])));
         a += g;
         b += g * (xv - m);
       }
@@ -176,7 +184,7 @@ void plane_grad_sums(const T* dy, const T* x, int64_t len, int64_t p0, int64_t p
 template <typename T, Act act>
 void row_grad_sums(const T* __restrict dy, const T* __restrict x, int64_t rows, int64_t C,
                    const acc_t<T>* __restrict mean, const acc_t<T>* __restrict scale,
-                   const acc_t<T>* __restrict shift, acc_t<T>* __restrict sum_dy,
+                   const acc_t<T>* __restrict bias, acc_t<T>* __restrict sum_dy,
                    acc_t<T>* __restrict sum_dy_xmu) {
   using A = acc_t<T>;
   NORMOPS_SIMD
@@ -187,7 +195,7 @@ void row_grad_sums(const T* __restrict dy, const T* __restrict x, int64_t rows, 
     NORMOPS_SIMD
     for (int64_t c = 0; c < C; ++c) {
       const A xv = load(xr[c]);
-      const A g = activation_grad<act>(xv * scale[c] + shift[c], A(load(gr[c])));
+      const A g = activation_grad<act>((xv - mean[c]) * scale[c] + bias[c], A(load(gr[c])));
       sum_dy[c] += g;
       sum_dy_xmu[c] += g * (xv - mean[c]);
     }
@@ -198,18 +206,18 @@ template <typename T, Act act>
 void plane_grad_input(const T* dy, const T* x, T* dx, int64_t len, int64_t p0, int64_t p1,
                       int64_t period, const acc_t<T>* a, const acc_t<T>* b,
                       const acc_t<T>* m, const acc_t<T>* c, const acc_t<T>* scale,
-                      const acc_t<T>* shift) {
+                      const acc_t<T>* bias) {
   using A = acc_t<T>;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t k = p % period;
-    const A ka = a[k], kb = b[k], km = m[k], kc = c[k], s = scale[k], h = shift[k];
+    const A ka = a[k], kb = b[k], km = m[k], kc = c[k], s = scale[k], h = bias[k];
     const T* __restrict xp = x + p * len;
     const T* __restrict gp = dy + p * len;
     T* __restrict dp = dx + p * len;
     NORMOPS_SIMD
     for (int64_t i = 0; i < len; ++i) {
       const A xv = load(xp[i]);
-      const A g = activation_grad<act>(xv * s + h, A(load(gp[i])));
+      const A g = activation_grad<act>((xv - km) * s + h, A(load(gp[i])));
       dp[i] = store<T>(ka * g + kb * (xv - km) + kc);
     }
   }
@@ -220,7 +228,7 @@ void row_grad_input(const T* __restrict dy, const T* __restrict x, T* __restrict
                     int64_t rows, int64_t C, const acc_t<T>* __restrict a,
                     const acc_t<T>* __restrict b, const acc_t<T>* __restrict m,
                     const acc_t<T>* __restrict c, const acc_t<T>* __restrict scale,
-                    const acc_t<T>* __restrict shift) {
+                    const acc_t<T>* __restrict bias) {
   using A = acc_t<T>;
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict xr = x + r * C;
@@ -229,7 +237,7 @@ void row_grad_input(const T* __restrict dy, const T* __restrict x, T* __restrict
     NORMOPS_SIMD
     for (int64_t j = 0; j < C; ++j) {
       const A xv = load(xr[j]);
-      const A g = activation_grad<act>(xv * scale[j] + shift[j], A(load(gr[j])));
+      const A g = activation_grad<act>((xv - m[j]) * scale[j] + bias[j], A(load(gr[j])));
       dr[j] = store<T>(a[j] * g + b[j] * (xv - m[j]) + c[j]);
     }
   }

@@ -1,0 +1,311 @@
+"""Batch norm (and the fused BatchNormAct2d) against torch.nn, step by step:
+outputs, input and parameter gradients, running statistics."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import normops
+import normops.functional as NF
+from helpers import LAYOUTS, assert_close, devices, make_input
+
+SHAPES_2D = [(4, 3, 5, 5), (1, 6, 7, 3), (2, 5, 1, 3), (3, 2, 1, 1), (5, 17, 9, 11), (2, 64, 4, 4)]
+
+
+def modules(cls_name, C, dtype=torch.float32, device="cpu", **kw):
+    ref = getattr(torch.nn, cls_name)(C, device=device, dtype=dtype, **kw)
+    with torch.no_grad():
+        if ref.weight is not None:
+            ref.weight.uniform_(0.5, 1.5)
+        if ref.bias is not None:
+            ref.bias.uniform_(-0.5, 0.5)
+    ours = getattr(normops.nn, cls_name)(C, device=device, dtype=dtype, **kw)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def step_and_compare(ours, ref, x, act=None, steps=2, dtype=None):
+    """Runs both modules `steps` times on x (as a leaf needing grad) and
+    compares outputs, gradients and buffers after every step."""
+    for _ in range(steps):
+        xo = x.detach().clone().requires_grad_()
+        xr = x.detach().clone().requires_grad_()
+        yo = ours(xo)
+        yr = ref(xr)
+        if act is not None:
+            yr = act(yr)
+        assert_close(yo, yr, dtype)
+        assert yo.dtype == yr.dtype and yo.shape == yr.shape
+        g = torch.randn_like(yr)
+        yo.backward(g)
+        yr.backward(g)
+        assert_close(xo.grad, xr.grad, dtype, grad=True)
+        for po, pr in zip(ours.parameters(), ref.parameters()):
+            assert_close(po.grad, pr.grad, dtype, grad=True)
+        for (name, bo), (_, br) in zip(ours.named_buffers(), ref.named_buffers()):
+            if name == "num_batches_tracked":
+                assert bo.item() == br.item()
+            else:
+                assert_close(bo, br, dtype)
+
+
+@devices
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES_2D)
+def test_batchnorm2d_train_eval(device, dtype, layout, shape):
+    ours, ref = modules("BatchNorm2d", shape[1], dtype, device)
+    x = make_input(shape, dtype, device, layout)
+    step_and_compare(ours, ref, x)
+    ours.eval(), ref.eval()
+    step_and_compare(ours, ref, x, steps=1)
+
+
+@devices
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batchnorm2d_output_keeps_layout(device, layout):
+    ours, _ = modules("BatchNorm2d", 8, device=device)
+    x = make_input((2, 8, 5, 6), device=device, layout=layout)
+    y = ours(x)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+
+
+@devices
+@pytest.mark.parametrize("shape", [(8, 5), (1, 4, 9), (6, 3, 1), (4, 7, 13)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_batchnorm1d(device, shape, layout):
+    ours, ref = modules("BatchNorm1d", shape[1], torch.float64, device)
+    step_and_compare(ours, ref, make_input(shape, torch.float64, device, layout))
+
+
+@devices
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_batchnorm3d(device, layout):
+    ours, ref = modules("BatchNorm3d", 5, torch.float64, device)
+    step_and_compare(ours, ref, make_input((2, 5, 3, 4, 5), torch.float64, device, layout))
+
+
+@devices
+@pytest.mark.parametrize("momentum", [0.1, None, 0.0])
+@pytest.mark.parametrize("kw", [dict(), dict(affine=False), dict(bias=False),
+                                dict(track_running_stats=False)])
+def test_batchnorm_flags(device, momentum, kw):
+    ours, ref = modules("BatchNorm2d", 4, torch.float64, device, momentum=momentum, **kw)
+    x = make_input((3, 4, 5, 5), torch.float64, device)
+    step_and_compare(ours, ref, x, steps=3)
+    ours.eval(), ref.eval()
+    step_and_compare(ours, ref, x, steps=1)
+
+
+def test_batchnorm_flag_flipped_after_construction():
+    ours, ref = modules("BatchNorm2d", 4, torch.float64)
+    x = make_input((3, 4, 5, 5), torch.float64)
+    step_and_compare(ours, ref, x, steps=1)
+    ours.track_running_stats = ref.track_running_stats = False
+    step_and_compare(ours, ref, x, steps=1)  # training: buffers no longer updated
+    ours.eval(), ref.eval()
+    step_and_compare(ours, ref, x, steps=1)  # eval: the (stale) buffers are still used
+
+
+@devices
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("param_dtype", ["same", "float32"])
+def test_batchnorm_reduced_precision(device, dtype, layout, param_dtype):
+    pdt = dtype if param_dtype == "same" else torch.float32
+    ours, _ = modules("BatchNorm2d", 6, pdt, device)
+    ref = copy.deepcopy(ours).double()
+    ref.__class__ = torch.nn.BatchNorm2d
+    x = make_input((4, 6, 9, 7), dtype, device, layout)
+    xo = x.clone().requires_grad_()
+    xr = x.double().requires_grad_()
+    yo, yr = ours(xo), ref(xr)
+    assert yo.dtype == dtype
+    assert_close(yo, yr, dtype)
+    g = torch.randn_like(yr)
+    yo.backward(g.to(dtype))
+    yr.backward(g)
+    assert_close(xo.grad, xr.grad, dtype, grad=True)
+    assert_close(ours.weight.grad, ref.weight.grad, dtype, grad=True, rtol=2e-2, atol=5e-2)
+    assert ours.running_var.dtype == pdt
+    assert_close(ours.running_var, ref.running_var, dtype)
+
+
+@devices
+@pytest.mark.parametrize("activation,act", [("relu", TF.relu), ("relu6", TF.relu6), (None, None)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batchnorm_act2d(device, activation, act, layout):
+    ref = torch.nn.BatchNorm2d(5, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 3.0)
+        ref.bias.uniform_(-1, 4)
+    ours = normops.nn.BatchNormAct2d(5, activation=activation, device=device, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x = make_input((4, 5, 6, 6), torch.float64, device, layout, scale=3.0)
+    step_and_compare(ours, ref, x, act=act)
+    ours.eval(), ref.eval()
+    step_and_compare(ours, ref, x, act=act, steps=1)
+
+
+def test_batchnorm_act2d_signature_and_errors():
+    m = normops.nn.BatchNormAct2d(3)
+    assert m.activation == "relu" and "activation='relu'" in repr(m)
+    with pytest.raises(ValueError, match="activation"):
+        normops.nn.BatchNormAct2d(3, activation="gelu")
+
+
+def test_functional_batch_norm_matches_torch():
+    x = make_input((4, 3, 6, 6), torch.float64)
+    w, b = torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    rm, rv = torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    y = NF.batch_norm(x, rm, rv, w, b, training=True, momentum=0.3, eps=1e-3)
+    y2 = TF.batch_norm(x, rm2, rv2, w, b, training=True, momentum=0.3, eps=1e-3)
+    assert_close(y, y2)
+    assert_close(rm, rm2)
+    assert_close(rv, rv2)
+    assert_close(NF.batch_norm(x, rm, rv, w, b), TF.batch_norm(x, rm2, rv2, w, b))
+    assert_close(NF.batch_norm(x, None, None, training=True),
+                 TF.batch_norm(x, None, None, training=True))
+
+
+def test_large_mean_variance():
+    """1e4 + N(0, 1) in float32: the naive E[x^2] - E[x]^2 loses every digit."""
+    x = make_input((8, 4, 32, 32), torch.float32, offset=1e4)
+    for layout in ("contiguous", "channels_last"):
+        xi = make_input((8, 4, 32, 32), torch.float32, layout=layout, offset=1e4)
+        mean, var = torch.ops.normops.batch_norm_stats(xi)
+        ref = xi.double().var(dim=(0, 2, 3), unbiased=False)
+        torch.testing.assert_close(var.double(), ref, rtol=1e-4, atol=0)
+    m = normops.nn.BatchNorm2d(4)
+    y = m(x)
+    ref = TF.batch_norm(x.double(), None, None, training=True)
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-3)
+
+
+def test_constant_channels_give_bias():
+    x = torch.full((4, 3, 5, 5), 3e7)
+    m = normops.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        m.bias.copy_(torch.tensor([1.0, -2.0, 0.5]))
+    y = m(x)
+    torch.testing.assert_close(y, m.bias.view(1, 3, 1, 1).expand_as(y).detach())
+
+
+@devices
+@pytest.mark.parametrize("cls,shape", [("BatchNorm1d", (0, 4)), ("BatchNorm2d", (0, 4, 3, 3)),
+                                       ("BatchNorm3d", (0, 4, 2, 2, 2))])
+def test_zero_size_batch(device, cls, shape):
+    ours, ref = modules(cls, 4, torch.float64, device)
+    x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
+    y = ours(x)
+    assert y.shape == x.shape
+    yr = ref(x)
+    (y.sum() + yr.sum()).backward()
+    assert torch.equal(ours.running_mean, ref.running_mean)
+    assert torch.equal(ours.running_var, ref.running_var)
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 1
+    assert torch.equal(ours.weight.grad, torch.zeros_like(ours.weight))
+
+
+def test_one_value_per_channel():
+    m = normops.nn.BatchNorm1d(3)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        m(torch.randn(1, 3))
+    m2 = normops.nn.BatchNorm2d(3)
+    m2(torch.randn(1, 3, 2, 1))  # N = 1 is fine with more than one spatial element
+    m2.eval()
+    m2(torch.randn(1, 3, 1, 1))  # eval with buffers: fine
+
+
+def snapshot(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (lambda: torch.randn(2, 3, 4), ValueError, "expected 4D input"),
+    (lambda: torch.randn(2, 5, 4, 4), RuntimeError, r"expected weight of shape \[5\]"),
+    (lambda: torch.randint(0, 5, (2, 3, 4, 4)), TypeError, "floating point"),
+])
+def test_bad_input_leaves_buffers(bad, exc, match):
+    m = normops.nn.BatchNorm2d(3)
+    m(torch.randn(4, 3, 4, 4))
+    before = snapshot(m)
+    with pytest.raises(exc, match=match):
+        m(bad())
+    after = snapshot(m)
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+def test_bad_parameters_leave_buffers():
+    m = normops.nn.BatchNorm2d(3)
+    before = snapshot(m)
+    x = torch.randn(4, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="weight of shape"):
+        NF.batch_norm(x, m.running_mean, m.running_var, torch.ones(4), None, True)
+    with pytest.raises(RuntimeError, match="dtype"):
+        NF.batch_norm(x, m.running_mean, m.running_var, torch.ones(3, dtype=torch.float64),
+                      None, True)
+    with pytest.raises(RuntimeError, match="same device"):
+        NF.batch_norm(x, m.running_mean, m.running_var, torch.ones(3, device="meta"), None, True)
+    with pytest.raises(ValueError, match="activation"):
+        NF.batch_norm(x, m.running_mean, m.running_var, training=True, activation="gelu")
+    for k, v in snapshot(m).items():
+        assert torch.equal(before[k], v), k
+
+
+def test_state_dict_round_trip_and_old_checkpoint():
+    ref = torch.nn.BatchNorm2d(4)
+    ref(torch.randn(3, 4, 2, 2))
+    ours = normops.nn.BatchNorm2d(4)
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ref.load_state_dict(ours.state_dict())
+    # A version-1 checkpoint without num_batches_tracked still loads.
+    sd = ref.state_dict()
+    del sd["num_batches_tracked"]
+    sd._metadata = {"": {"version": 1}}
+    ours.load_state_dict(sd)
+    assert isinstance(ours, torch.nn.BatchNorm2d)
+    assert ours.num_batches_tracked.dtype == torch.long
+
+
+def test_split_ops_compose_to_batch_norm():
+    """stats -> elemt and backward_reduce -> backward_elemt (what
+    SyncBatchNorm composes) give the single-call results."""
+    ops = torch.ops.normops
+    x = make_input((4, 3, 5, 5), torch.float64, layout="channels_last")
+    w, b = torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    mean, var = ops.batch_norm_stats(x)
+    y = ops.batch_norm_elemt(x, w, b, mean, var, 1e-5, 2)
+    y1, m1, v1 = ops.batch_norm(x, w, b, None, None, True, 1e-5, 2)
+    assert_close(y, y1)
+    g = torch.randn_like(y)
+    sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(g, x, mean, var, w, b, 1e-5, 2)
+    n = x.numel() // 3
+    dx = ops.batch_norm_backward_elemt(g, x, mean, var, w, b, sum_dy / n, sum_dy_xmu / n, 1e-5, 2)
+    dx1, dw1, db1 = ops.batch_norm_backward(g, x, w, b, mean, var, True, 1e-5, 2, [True] * 3)
+    assert_close(dx, dx1)
+    assert_close(sum_dy, db1)
+    assert_close(sum_dy_xmu * (var + 1e-5).rsqrt(), dw1)
+
+
+def test_grad_output_layout_differs_from_input():
+    x = make_input((3, 4, 5, 6), torch.float64, layout="channels_last").requires_grad_()
+    m, ref = modules("BatchNorm2d", 4, torch.float64)
+    g = torch.randn(3, 4, 5, 6, dtype=torch.float64)  # contiguous
+    (gx,) = torch.autograd.grad(m(x), x, g)
+    (gr,) = torch.autograd.grad(ref(x), x, g)
+    assert_close(gx, gr)
+
+
+def test_no_grad_training_updates_running_stats():
+    ours, ref = modules("BatchNorm2d", 3)
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        ours(x), ref(x)
+    assert_close(ours.running_var, ref.running_var)
