@@ -1,0 +1,65 @@
+"""normops.convert on models built from torch.nn."""
+import torch
+
+import normops
+from helpers import assert_close
+
+
+def make_model():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU6(inplace=True),
+        torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()),
+        torch.nn.GroupNorm(2, 8),
+        torch.nn.InstanceNorm2d(8, affine=True),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.Flatten(1),
+        torch.nn.LayerNorm(8 * 4 * 4),
+        torch.nn.Unflatten(1, (8, 16)),
+        torch.nn.BatchNorm1d(8),
+    )
+
+
+def test_convert_swaps_in_place_and_keeps_numbers():
+    torch.manual_seed(0)
+    ref = make_model()
+    model = make_model()
+    model.load_state_dict(ref.state_dict())
+    params_before = [id(p) for p in model.parameters()]
+    keys_before = list(model.state_dict())
+    out = normops.convert(model)
+    assert out is model
+    assert [id(p) for p in model.parameters()] == params_before
+    assert list(model.state_dict()) == keys_before
+    assert type(model[1]) is normops.nn.BatchNormAct2d and model[1].activation == "relu6"
+    assert type(model[2]) is torch.nn.Identity
+    assert type(model[3][1]) is normops.nn.BatchNormAct2d and model[3][1].activation == "relu"
+    assert type(model[4]) is normops.nn.GroupNorm
+    assert type(model[5]) is normops.nn.InstanceNorm2d
+    assert type(model[6]) is normops.nn.BatchNorm2d
+    assert type(model[8]) is normops.nn.LayerNorm
+    assert type(model[10]) is normops.nn.BatchNorm1d
+    x = torch.randn(4, 3, 4, 4)
+    for training in (True, False):
+        model.train(training), ref.train(training)
+        xr, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr, ym = ref(xr), model(xm)
+        assert_close(ym, yr)
+        g = torch.randn_like(yr)
+        yr.backward(g), ym.backward(g)
+        assert_close(xm.grad, xr.grad, grad=True)
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert_close(a.double(), b.double(), torch.float32), k
+    ref.load_state_dict(model.state_dict())
+
+
+def test_convert_leaves_subclasses_and_single_modules():
+    class MyBN(torch.nn.BatchNorm2d):
+        pass
+
+    m = torch.nn.Sequential(MyBN(3), torch.nn.ReLU())
+    normops.convert(m)
+    assert type(m[0]) is MyBN and type(m[1]) is torch.nn.ReLU
+    single = normops.convert(torch.nn.LayerNorm(4))
+    assert type(single) is normops.nn.LayerNorm

@@ -1,0 +1,81 @@
+"""Group norm against torch.nn.GroupNorm / F.group_norm."""
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import normops
+import normops.functional as NF
+from helpers import LAYOUTS, assert_close, devices, make_input
+
+CASES = [((2, 6, 5, 5), 3), ((1, 4, 7), 2), ((3, 8, 2, 3, 4), 4), ((2, 6, 1, 1), 2),
+         ((4, 32, 6, 6), 32), ((2, 64, 3, 5), 1), ((1, 12, 9), 12)]
+
+
+@devices
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape,groups", CASES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_parity(device, dtype, layout, shape, groups, affine):
+    x = make_input(shape, dtype, device, layout, scale=2.0, offset=0.3).requires_grad_()
+    C = shape[1]
+    w = (torch.rand(C, dtype=dtype, device=device) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(C, dtype=dtype, device=device).requires_grad_() if affine else None
+    inputs = [t for t in (x, w, b) if t is not None]
+    y = NF.group_norm(x, groups, w, b, 1e-5)
+    yr = TF.group_norm(x, groups, w, b, 1e-5)
+    assert_close(y, yr)
+    if layout == "channels_last":
+        assert y.stride() == x.stride()
+    g = torch.randn_like(yr)
+    for a, e in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(yr, inputs, g)):
+        assert_close(a, e, grad=True)
+
+
+@devices
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_norm_reduced_precision_mixed(device, dtype, layout):
+    x = make_input((2, 8, 6, 5), dtype, device, layout).requires_grad_()
+    w = torch.rand(8, device=device).add_(0.5).requires_grad_()
+    b = torch.randn(8, device=device).requires_grad_()
+    y = NF.group_norm(x, 4, w, b)
+    assert y.dtype == dtype
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    yr = TF.group_norm(xr, 4, wr, br)
+    assert_close(y, yr, dtype)
+    g = torch.randn_like(yr)
+    gx, gw, _ = torch.autograd.grad(y, (x, w, b), g.to(dtype))
+    ex, ew, _ = torch.autograd.grad(yr, (xr, wr, br), g)
+    assert gw.dtype == torch.float32
+    assert_close(gx, ex, dtype, grad=True)
+    assert_close(gw, ew, dtype, grad=True, rtol=2e-2, atol=0.2)
+
+
+def test_group_norm_module_and_errors():
+    ref = torch.nn.GroupNorm(2, 4)
+    ours = normops.nn.GroupNorm(2, 4)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 4, 5)
+    assert_close(ours(x), ref(x))
+    with pytest.raises(ValueError, match=r"num_channels \(4\) must be divisible by num_groups \(3\)"):
+        normops.nn.GroupNorm(3, 4)
+    with pytest.raises(RuntimeError, match="Expected at least 2 dimensions"):
+        NF.group_norm(torch.randn(4), 2)
+    with pytest.raises(RuntimeError, match="divisible by num_groups"):
+        NF.group_norm(torch.randn(2, 5, 3), 2)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        normops.nn.GroupNorm(4, 4)(torch.randn(1, 4, 1, 1))
+    with pytest.raises(RuntimeError, match="weight of shape"):
+        NF.group_norm(torch.randn(2, 4, 3), 2, torch.ones(5))
+
+
+def test_group_norm_large_mean_and_zero_batch():
+    for layout in ("contiguous", "channels_last"):
+        x = make_input((2, 8, 16, 16), torch.float32, layout=layout, offset=1e4)
+        ref = TF.group_norm(x.double(), 2)
+        torch.testing.assert_close(NF.group_norm(x, 2).double(), ref, rtol=0, atol=2e-3)
+    x = torch.randn(0, 4, 3, 3, requires_grad=True)
+    y = NF.group_norm(x, 2)
+    assert y.shape == x.shape
+    y.sum().backward()

@@ -1,0 +1,125 @@
+"""Instance norm against torch.nn.InstanceNorm1d/2d/3d and F.instance_norm."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import normops
+import normops.functional as NF
+from helpers import LAYOUTS, assert_close, devices, make_input
+
+MODULES = [("InstanceNorm1d", (3, 4, 7)), ("InstanceNorm1d", (4, 7)),
+           ("InstanceNorm2d", (2, 4, 5, 6)), ("InstanceNorm2d", (4, 5, 6)),
+           ("InstanceNorm3d", (2, 3, 3, 4, 5)), ("InstanceNorm2d", (1, 5, 1, 2))]
+
+
+def pair(cls, C, dtype, **kw):
+    ref = getattr(torch.nn, cls)(C, dtype=dtype, **kw)
+    if ref.weight is not None:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.uniform_(-1, 1)
+    ours = getattr(normops.nn, cls)(C, dtype=dtype, **kw)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+@devices
+@pytest.mark.parametrize("cls,shape", MODULES)
+@pytest.mark.parametrize("kw", [dict(), dict(affine=True),
+                                dict(affine=True, track_running_stats=True),
+                                dict(track_running_stats=True, momentum=None)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_instance_norm_modules(device, cls, shape, kw, dtype):
+    no_batch = (cls == "InstanceNorm1d" and len(shape) == 2) or (cls == "InstanceNorm2d" and len(shape) == 3)
+    C = shape[0] if no_batch else shape[1]
+    ours, ref = pair(cls, C, dtype, **kw)
+    ours.to(device), ref.to(device)
+    x = torch.randn(shape, dtype=dtype, device=device) * 2 + 1
+    for training in (True, True, False):
+        ours.train(training), ref.train(training)
+        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yr = ours(xo), ref(xr)
+        assert_close(yo, yr)
+        g = torch.randn_like(yr)
+        yo.backward(g), yr.backward(g)
+        assert_close(xo.grad, xr.grad, grad=True)
+        for po, pr in zip(ours.parameters(), ref.parameters()):
+            assert_close(po.grad, pr.grad, grad=True)
+        for bo, br in zip(ours.buffers(), ref.buffers()):
+            if bo.is_floating_point():
+                assert_close(bo, br)
+            else:  # num_batches_tracked: present, never incremented
+                assert torch.equal(bo, br)
+
+
+@devices
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_instance_norm_keeps_layout(device, layout):
+    x = make_input((2, 6, 5, 7), torch.float64, device, layout).requires_grad_()
+    w = torch.rand(6, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.rand(6, dtype=torch.float64, device=device, requires_grad=True)
+    y = NF.instance_norm(x, weight=w, bias=b)
+    yr = TF.instance_norm(x, weight=w, bias=b)
+    assert_close(y, yr)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(yr)
+    for a, e in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(yr, (x, w, b), g)):
+        assert_close(a, e, grad=True)
+
+
+def test_instance_norm_channels_last_3d():
+    x = make_input((2, 4, 3, 5, 6), torch.float32, layout="channels_last")
+    assert x.is_contiguous(memory_format=torch.channels_last_3d)
+    y = normops.nn.InstanceNorm3d(4)(x)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    assert_close(y, TF.instance_norm(x))
+
+
+def test_instance_norm_errors_and_warnings():
+    with pytest.raises(ValueError, match="Expected more than 1 spatial element"):
+        normops.nn.InstanceNorm2d(3)(torch.randn(2, 3, 1, 1))
+    with pytest.raises(ValueError, match="expected 3D or 4D input"):
+        normops.nn.InstanceNorm2d(3)(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="to match num_features"):
+        normops.nn.InstanceNorm2d(3, affine=True)(torch.randn(2, 4, 3, 3))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        normops.nn.InstanceNorm2d(3)(torch.randn(2, 4, 3, 3))
+    assert any("does not match num_features" in str(m.message) for m in w)
+
+
+def test_instance_norm_failed_call_leaves_buffers():
+    m = normops.nn.InstanceNorm2d(3, track_running_stats=True)
+    m(torch.randn(2, 3, 4, 4))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(RuntimeError):
+        NF.instance_norm(torch.randn(2, 3, 4, 4), m.running_mean, m.running_var,
+                         torch.ones(4), None)
+    for k, v in m.state_dict().items():
+        assert torch.equal(before[k], v), k
+
+
+def test_instance_norm_zero_batch_keeps_running_stats():
+    """torch writes NaN into the running stats for an empty batch (a mean over
+    zero instances); normops leaves them untouched."""
+    m = normops.nn.InstanceNorm2d(3, track_running_stats=True)
+    y = m(torch.randn(0, 3, 4, 4))
+    assert y.shape == (0, 3, 4, 4)
+    assert torch.equal(m.running_mean, torch.zeros(3))
+    assert torch.equal(m.running_var, torch.ones(3))
+
+
+def test_old_checkpoint_with_stray_running_stats():
+    """A pre-0.4 checkpoint's running stats are reported exactly as torch does."""
+    sd = {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}
+    sd = type("StateDict", (dict,), {})(sd)
+    sd._metadata = {"": {"version": None}}
+    messages = []
+    for module in (torch.nn.InstanceNorm2d(3), normops.nn.InstanceNorm2d(3)):
+        with pytest.raises(RuntimeError, match="Unexpected running stats buffer") as e:
+            module.load_state_dict(sd, strict=False)
+        messages.append(str(e.value).split(":", 1)[1])
+    assert messages[0] == messages[1]

@@ -1,0 +1,96 @@
+"""The build's run-time properties: CPU kernel builds (each tested through
+NORMOPS_CPU_CAPABILITY in a subprocess), threads, saved tensors."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import normops
+from helpers import make_input
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHECK = r"""
+import torch, normops, normops.functional as NF, torch.nn.functional as TF
+torch.manual_seed(0)
+assert normops.cpu_capability() == "{cap}", normops.cpu_capability()
+for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype in (torch.float32, torch.float64) else dict(rtol=3e-2, atol=3e-2)
+    for cl in (False, True):
+        x = torch.randn(3, 20, 7, 9, dtype=torch.float64)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        xl = x.to(dtype).requires_grad_()
+        xr = x.to(dtype).double().requires_grad_()
+        for f, g in ((lambda t: NF.batch_norm(t, None, None, training=True, activation="relu6"),
+                      lambda t: TF.relu6(TF.batch_norm(t, None, None, training=True))),
+                     (lambda t: NF.group_norm(t, 4), lambda t: TF.group_norm(t, 4)),
+                     (lambda t: NF.layer_norm(t, (7, 9)), lambda t: TF.layer_norm(t, (7, 9)))):
+            y, yr = f(xl), g(xr)
+            torch.testing.assert_close(y.double(), yr, **tol)
+            gy = torch.randn_like(yr)
+            (a,) = torch.autograd.grad(y, xl, gy.to(dtype))
+            (b,) = torch.autograd.grad(yr, xr, gy)
+            torch.testing.assert_close(a.double(), b, **tol)
+print("ok")
+"""
+
+
+def available_capabilities():
+    best = normops.cpu_capability()
+    order = ["default", "avx2", "avx512"]
+    return order[: order.index(best) + 1]
+
+
+@pytest.mark.parametrize("cap", ["default", "avx2", "avx512"])
+def test_every_cpu_build(cap):
+    if cap not in available_capabilities():
+        pytest.skip(f"this CPU has no {cap}")
+    env = dict(os.environ, NORMOPS_CPU_CAPABILITY=cap, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", CHECK.replace("{cap}", cap)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_results_do_not_depend_on_thread_count():
+    x = make_input((8, 16, 20, 20), layout="channels_last")
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, max(2, threads)):
+            torch.set_num_threads(t)
+            outs.append(torch.ops.normops.batch_norm_stats(x))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: normops.nn.BatchNormAct2d(4, activation="relu6"), (2, 4, 3, 3)),
+    (lambda: normops.nn.LayerNorm(6), (3, 6)),
+    (lambda: normops.nn.GroupNorm(2, 4), (2, 4, 3, 3)),
+])
+def test_backward_state_goes_through_saved_tensor_hooks(make, shape):
+    """Everything the backward needs is saved with save_for_backward, so
+    saved-tensor hooks (save_on_cpu, offloading) see all of it."""
+    m = make()
+    x = torch.randn(shape, requires_grad=True)
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return ("packed", t.clone())
+
+    def unpack(p):
+        return p[1]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        y = m(x)
+    assert any(t.shape == x.shape for t in packed)
+    y.sum().backward()
+    ref = torch.autograd.grad(m(x).sum(), x)[0]
+    torch.testing.assert_close(x.grad, ref)
+    with torch.autograd.graph.save_on_cpu():
+        m(x).sum().backward()
