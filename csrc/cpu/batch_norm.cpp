@@ -79,6 +79,83 @@ Tensor elemt_impl(const ChannelView& v, const OptTensor& weight, const OptTensor
   return out;
 }
 
+// NCHW in training, one channel at a time: the affine step (forward) or the
+// gradient (backward) runs right after the channel's reduction, while its
+// planes are still in cache, so x (and dy) are read from memory once. Needs
+// enough channels to keep every thread busy.
+bool by_channel(const ChannelView& v) {
+  return !v.rows && v.N * v.HW > 0 && v.C >= at::get_num_threads();
+}
+
+std::tuple<Tensor, Tensor, Tensor> forward_by_channel(const ChannelView& v,
+                                                      const OptTensor& weight,
+                                                      const OptTensor& bias, double eps,
+                                                      int act) {
+  const auto acc = acc_dtype(v.x.scalar_type());
+  Tensor out = like(v);
+  Tensor mean = at::empty({v.C}, v.x.options().dtype(acc)), var = at::empty_like(mean);
+  Tensor w = acc_vector(weight, v.C, at::kDouble, 1.0), b = acc_vector(bias, v.C, at::kDouble, 0.0);
+  dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    const auto& k = kernels<T>();
+    const T* x = ptr<const T>(v.x);
+    T* y = ptr<T>(out);
+    at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        A count = 0, mu = 0, q = 0;
+        for (int64_t p = c; p < v.N * v.C; p += v.C) {
+          A pm, pq;
+          k.plane_moments(x, v.HW, p, p + 1, &pm, &pq);
+          chan_merge(count, mu, q, A(v.HW), pm, pq);
+        }
+        const A var_c = q / count;
+        const A scale = A(ptr<double>(w)[c] / std::sqrt(double(var_c) + eps));
+        const A shift = A(ptr<double>(b)[c]);
+        for (int64_t p = c; p < v.N * v.C; p += v.C)
+          k.plane_affine[act](x, y, v.HW, p, p + 1, 1, &mu, &scale, &shift);
+        ptr<A>(mean)[c] = mu;
+        ptr<A>(var)[c] = var_c;
+      }
+    });
+  });
+  return {out, mean, var};
+}
+
+// The training backward by channel; fills the per-channel sums (double).
+Tensor backward_by_channel(const ChannelView& v, const Tensor& dy, const Folded& f, int act,
+                           const Tensor& sum_dy, const Tensor& sum_dy_xmu) {
+  Tensor dx = like(v);
+  const double count = double(v.N * v.HW);
+  dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    const auto& k = kernels<T>();
+    const T* x = ptr<const T>(v.x);
+    const T* g = ptr<const T>(dy);
+    T* d = ptr<T>(dx);
+    at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const A m = ptr<A>(f.acc_mean)[c], s = ptr<A>(f.acc_scale)[c], h = ptr<A>(f.acc_bias)[c];
+        double sd = 0, sx = 0;
+        for (int64_t p = c; p < v.N * v.C; p += v.C) {
+          A pd, px;
+          k.plane_grad_sums[act](g, x, v.HW, p, p + 1, 1, &m, &s, &h, &pd, &px);
+          sd += pd;
+          sx += px;
+        }
+        ptr<double>(sum_dy)[c] = sd;
+        ptr<double>(sum_dy_xmu)[c] = sx;
+        const double inv = ptr<double>(f.invstd)[c], a = inv * ptr<double>(f.weight)[c];
+        const A ka = A(a), kb = A(-a * inv * inv * sx / count), kc = A(-a * sd / count);
+        for (int64_t p = c; p < v.N * v.C; p += v.C)
+          k.plane_grad_input[act](g, x, d, v.HW, p, p + 1, 1, &ka, &kb, &m, &kc, &s, &h);
+      }
+    });
+  });
+  return dx;
+}
+
 std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
   check_bn_input(input);
   return stats_impl(channel_view(input));
@@ -107,6 +184,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm(const Tensor& input, const OptTens
   TORCH_CHECK(training || (present(running_mean) && present(running_var)), kOp,
               ": running_mean and running_var must be given when training is False");
   ChannelView v = channel_view(input);
+  if (training && by_channel(v)) return forward_by_channel(v, weight, bias, eps, act);
   if (training) {
     auto [mean, var] = stats_impl(v);
     return {elemt_impl(v, weight, bias, mean, var, eps, act), mean, var};
@@ -207,17 +285,20 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(
   const int64_t C = v.C;
   const auto dopts = f.mean.options();
   Tensor sum_dy = at::zeros({C}, dopts), sum_dy_xmu = at::zeros({C}, dopts);
-  if (training || output_mask[1] || output_mask[2]) {
-    std::tie(sum_dy, sum_dy_xmu) = reduce_impl(v, dy, f, act);
-  }
   Tensor grad_input;
-  if (output_mask[0]) {
+  if (training && output_mask[0] && by_channel(v)) {
+    grad_input = backward_by_channel(v, dy, f, act, sum_dy, sum_dy_xmu);
+  } else {
+    if (training || output_mask[1] || output_mask[2]) {
+      std::tie(sum_dy, sum_dy_xmu) = reduce_impl(v, dy, f, act);
+    }
     const int64_t count = v.N * v.HW;
     const bool batch_stats = training && count > 0;
-    grad_input = grad_input_impl(v, dy, f, batch_stats ? sum_dy / double(count) : at::zeros({C}, dopts),
-                                 batch_stats ? sum_dy_xmu / double(count) : at::zeros({C}, dopts), act);
-  } else {
-    grad_input = at::empty({0}, input.options());
+    grad_input = !output_mask[0] ? at::empty({0}, input.options())
+                                 : grad_input_impl(v, dy, f,
+                                                   batch_stats ? sum_dy / double(count) : at::zeros({C}, dopts),
+                                                   batch_stats ? sum_dy_xmu / double(count) : at::zeros({C}, dopts),
+                                                   act);
   }
   // A parameter gradient has the parameter's dtype (the input's when absent).
   const auto param_grad = [&](bool wanted, const OptTensor& p, const Tensor& value) {

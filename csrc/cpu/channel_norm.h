@@ -57,7 +57,7 @@ std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample)
     Tensor pq = per_sample ? m2 : at::empty({v.N * v.C}, opts);
     const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
     at::parallel_for(0, v.N * v.C, grain, [&](int64_t p0, int64_t p1) {
-      k.plane_moments(x, v.HW, p0, p1, ptr<A>(pm), ptr<A>(pq));
+      k.plane_moments(x, v.HW, p0, p1, ptr<A>(pm) + p0, ptr<A>(pq) + p0);
     });
     if (!per_sample) {
       A* om = ptr<A>(mean);
@@ -179,7 +179,8 @@ std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& 
     const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
     const int64_t period = per_sample ? v.N * C : C;
     at::parallel_for(0, v.N * C, grain, [&](int64_t p0, int64_t p1) {
-      k.plane_grad_sums[act](g, x, v.HW, p0, p1, period, m, s, h, ptr<A>(pd), ptr<A>(px));
+      k.plane_grad_sums[act](g, x, v.HW, p0, p1, period, m, s, h, ptr<A>(pd) + p0,
+                             ptr<A>(px) + p0);
     });
     const A* id = ptr<const A>(pd);
     const A* ix = ptr<const A>(px);

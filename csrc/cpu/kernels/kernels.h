@@ -45,7 +45,7 @@ template <typename T>
 struct Kernels {
   using A = acc_t<T>;
 
-  // Two-pass moments of each plane p in [p0, p1): mean[p], m2[p].
+  // Two-pass moments of each plane p in [p0, p1): mean[p - p0], m2[p - p0].
   void (*plane_moments)(const T* x, int64_t len, int64_t p0, int64_t p1, A* mean, A* m2);
   // Two-pass moments of each column of a rows x C block: mean[c], m2[c].
   void (*column_moments)(const T* x, int64_t rows, int64_t C, A* mean, A* m2);
@@ -63,8 +63,8 @@ struct Kernels {
 
   // With g = dy masked by the activation's gradient at the pre-activation
   // z = (x - mean) * scale + bias: sum_dy = sum(g) and sum_dy_xmu =
-  // sum(g * (x - mean)), per plane p (written at index p) or per channel of a
-  // block (written at index c).
+  // sum(g * (x - mean)), per plane p (written at index p - p0) or per channel
+  // of a block (written at index c).
   void (*plane_grad_sums[kNumActs])(const T* dy, const T* x, int64_t len, int64_t p0,
                                     int64_t p1, int64_t period, const A* mean,
                                     const A* scale, const A* bias, A* sum_dy,

@@ -75,7 +75,7 @@ NORMOPS_INLINE void span_moments(const T* __restrict x, int64_t len, acc_t<T>& m
 template <typename T>
 void plane_moments(const T* x, int64_t len, int64_t p0, int64_t p1, acc_t<T>* mean,
                    acc_t<T>* m2) {
-  for (int64_t p = p0; p < p1; ++p) span_moments(x + p * len, len, mean[p], m2[p]);
+  for (int64_t p = p0; p < p1; ++p) span_moments(x + p * len, len, mean[p - p0], m2[p - p0]);
 }
 
 template <typename T>
@@ -176,8 +176,8 @@ void plane_grad_sums(const T* dy, const T* x, int64_t len, int64_t p0, int64_t p
       total_dy += a;
       total_dy_xmu += b;
     }
-    sum_dy[p] = A(total_dy);
-    sum_dy_xmu[p] = A(total_dy_xmu);
+    sum_dy[p - p0] = A(total_dy);
+    sum_dy_xmu[p - p0] = A(total_dy_xmu);
   }
 }
 
