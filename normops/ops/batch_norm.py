@@ -2,8 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from ._layout import (check_devices, empty_like_channels, empty_param_grad, empty_stats,
-                      needs_double_backward)
+from ._common import (check_devices, empty_like_channels, empty_param_grad, empty_stats,
+                      needs_double_backward, torch_grads)
 
 ops = torch.ops.normops
 
@@ -69,29 +69,21 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
     input, weight, bias, mean, var = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+    needs = list(ctx.needs_input_grad[:3])
     if needs_double_backward(grad_out, input, weight, bias):
-        grads = _differentiable_backward(ctx, grad_out, input, weight, bias, mean, var)
+        def forward(x, w, b):
+            if ctx.training:
+                y = F.batch_norm(x, None, None, w, b, True, 0.0, ctx.eps)
+            else:
+                y = F.batch_norm(x, mean, var, w, b, False, 0.0, ctx.eps)
+            return apply_activation(y, ctx.activation)
+        gi, gw, gb = torch_grads(forward, (input, weight, bias), needs, grad_out)
     else:
         grads = ops.batch_norm_backward(
             grad_out, input, weight, bias, mean, var, ctx.training, ctx.eps,
-            ctx.activation, [needs[0], needs[1], needs[2]])
-        grads = [g if n else None for g, n in zip(grads, needs[:3])]
-    return grads[0], grads[1], grads[2], None, None, None, None, None
-
-
-def _differentiable_backward(ctx, grad_out, input, weight, bias, mean, var):
-    """The same gradients through torch's differentiable batch norm, so that a
-    graph is built for double backward (gradient penalties)."""
-    wanted = [t for t, n in zip((input, weight, bias), ctx.needs_input_grad) if n]
-    with torch.enable_grad():
-        if ctx.training:
-            y = F.batch_norm(input, None, None, weight, bias, True, 0.0, ctx.eps)
-        else:
-            y = F.batch_norm(input, mean, var, weight, bias, False, 0.0, ctx.eps)
-        y = apply_activation(y, ctx.activation)
-        found = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True))
-    return [next(found) if n else None for n in ctx.needs_input_grad[:3]]
+            ctx.activation, needs)
+        gi, gw, gb = (g if n else None for g, n in zip(grads, needs))
+    return gi, gw, gb, None, None, None, None, None
 
 
 torch.library.register_autograd("normops::batch_norm", _backward, setup_context=_setup_context)

@@ -3,8 +3,8 @@ and autograd."""
 import torch
 import torch.nn.functional as F
 
-from ._layout import (check_devices, empty_like_channels, empty_param_grad, empty_stats,
-                      needs_double_backward)
+from ._common import (check_devices, empty_like_channels, empty_param_grad, empty_stats,
+                      needs_double_backward, torch_grads)
 
 ops = torch.ops.normops
 
@@ -35,18 +35,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     input, weight, bias, mean, rstd = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+    needs = [ctx.needs_input_grad[i] for i in (0, 2, 3)]
     if needs_double_backward(grad_out, input, weight, bias):
-        wanted = [t for t, n in zip((input, None, weight, bias), needs) if n]
-        with torch.enable_grad():
-            y = F.group_norm(input, ctx.num_groups, weight, bias, ctx.eps)
-            found = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True))
-        gi, gw, gb = (next(found) if needs[i] else None for i in (0, 2, 3))
+        gi, gw, gb = torch_grads(
+            lambda x, w, b: F.group_norm(x, ctx.num_groups, w, b, ctx.eps),
+            (input, weight, bias), needs, grad_out)
     else:
-        gi, gw, gb = ops.group_norm_backward(
-            grad_out, input, ctx.num_groups, mean, rstd, weight,
-            [needs[0], needs[2], needs[3]])
-        gi, gw, gb = (g if needs[i] else None for g, i in zip((gi, gw, gb), (0, 2, 3)))
+        grads = ops.group_norm_backward(
+            grad_out, input, ctx.num_groups, mean, rstd, weight, needs)
+        gi, gw, gb = (g if n else None for g, n in zip(grads, needs))
     return gi, None, gw, gb, None
 
 

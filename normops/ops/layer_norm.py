@@ -2,7 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from ._layout import acc_dtype, check_devices, empty_param_grad, needs_double_backward
+from ._common import (acc_dtype, check_devices, empty_param_grad, needs_double_backward,
+                      torch_grads)
 
 ops = torch.ops.normops
 
@@ -35,18 +36,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     input, weight, bias, mean, rstd = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+    needs = [ctx.needs_input_grad[i] for i in (0, 2, 3)]
     if needs_double_backward(grad_out, input, weight, bias):
-        wanted = [t for t, n in zip((input, None, weight, bias), needs) if n]
-        with torch.enable_grad():
-            y = F.layer_norm(input, ctx.normalized_shape, weight, bias, ctx.eps)
-            found = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True))
-        gi, gw, gb = (next(found) if needs[i] else None for i in (0, 2, 3))
+        gi, gw, gb = torch_grads(
+            lambda x, w, b: F.layer_norm(x, ctx.normalized_shape, w, b, ctx.eps),
+            (input, weight, bias), needs, grad_out)
     else:
-        gi, gw, gb = ops.layer_norm_backward(
-            grad_out, input, ctx.normalized_shape, mean, rstd, weight, bias,
-            [needs[0], needs[2], needs[3]])
-        gi, gw, gb = (g if needs[i] else None for g, i in zip((gi, gw, gb), (0, 2, 3)))
+        grads = ops.layer_norm_backward(
+            grad_out, input, ctx.normalized_shape, mean, rstd, weight, bias, needs)
+        gi, gw, gb = (g if n else None for g, n in zip(grads, needs))
     return gi, None, gw, gb, None
 
 

@@ -1,4 +1,5 @@
-"""Output layouts and dtypes of the normops kernels, for the fake kernels.
+"""Helpers shared by the op registrations: output layouts and dtypes of the
+kernels (for the fake kernels), device checks, the double-backward path.
 
 They mirror csrc/cpu/common.h: an (N, C, *) input that is contiguous or
 channels_last-dense is used as it is and its output has its strides; any other
@@ -58,3 +59,13 @@ def check_devices(op: str, input: torch.Tensor, **tensors) -> None:
             t is None or t.device == input.device,
             lambda: f"{op}: expected {name} to be on the same device as input "
                     f"({input.device}), but got {t.device}")
+
+
+def torch_grads(forward, inputs, needs, grad_out):
+    """Gradients of forward(*inputs) for the inputs marked in `needs`, through
+    torch's differentiable ops with create_graph=True: the double-backward
+    path (gradient penalties)."""
+    wanted = [t for t, n in zip(inputs, needs) if n]
+    with torch.enable_grad():
+        found = iter(torch.autograd.grad(forward(*inputs), wanted, grad_out, create_graph=True))
+    return [next(found) if n else None for n in needs]
