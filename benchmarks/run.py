@@ -10,16 +10,22 @@ ATen version, and a plain `dst.copy_(src)` of as many bytes as the op's minimal
 memory traffic; each for the forward of a training step and for a whole
 forward+backward step. See benchmarks/README.md for the columns.
 
-glibc reads MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ only at process
-start, so when they are unset this script re-executes itself (os.execve, same
-argv) with them set: large buffers then come from mmap and freed heap memory
-is never trimmed back to the OS, which keeps allocation cost stable from call
-to call. Set NORMOPS_BENCH_NO_REEXEC=1 to opt out.
+glibc reads its MALLOC_*_ variables only at process start, so when any of
+MALLOC_ENV is unset this script re-executes itself (os.execve, same argv) with
+it set (values already in the environment are kept; NORMOPS_BENCH_NO_REEXEC=1
+skips the re-exec). MALLOC_MMAP_THRESHOLD_=32 MiB and MALLOC_TRIM_THRESHOLD_=
+64 GiB keep freed memory in the heap; MALLOC_MMAP_MAX_=0 sends the allocations
+above 32 MiB there too. Without it, a large output is a fresh mmap that page-
+faults on every call, or is served from a free heap chunk left by an earlier
+case, depending on the heap's history: one implementation then paid ~25k page
+faults per call and the other none. With it, no participant page-faults in the
+steady state, like the copy it is compared with.
 """
 import os
 import sys
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+              "MALLOC_MMAP_MAX_": "0"}
 
 
 def _reexec_with_malloc_env() -> None:
@@ -35,17 +41,19 @@ if __name__ == "__main__":  # before torch is imported: glibc reads these at sta
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
+import ctypes  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
+import resource  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable, Dict, List, Sequence  # noqa: E402
+from typing import Callable, Dict, Iterator, List, Optional, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -58,7 +66,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MB, GB = 1 << 20, 1 << 30
 TARGET_WORKING_SET = 640 * MB   # rotate inputs until this much is touched: well past the L3
-POOL_CAP = 4 * GB               # never hold more than this in one rotation pool
+MEMORY_CAP = 4 * GB             # at most this in the rotation pools of one case (3 of them)
 IMPLS = ("normops", "aten", "compile", "copy")
 FAMILIES = ("bn", "bn_relu6", "ln", "in", "gn")
 EPS, MOMENTUM = 1e-5, 0.1
@@ -231,7 +239,7 @@ def measure(steps: Dict[str, Callable[[int], object]], timer, sampling: Sampling
             step(0)
             live[name] = step
         except Exception as exc:  # noqa: BLE001 - a failing participant must not end the run
-            log(f"\n    {name} failed: {type(exc).__name__}: {str(exc)[:200]}")
+            log(f"    {name} failed: {type(exc).__name__}: {str(exc)[:200]}")
     round_s = 0.0
     for w in range(1, sampling.warmup + 1):
         round_s = sum(timer(lambda: s(w)) for s in live.values())
@@ -258,19 +266,42 @@ def rotation_count(slot_bytes: int, cap: int) -> int:
 
 def memory_cap(device: str) -> int:
     if device == "cuda":
-        return min(POOL_CAP, torch.cuda.mem_get_info()[0] // 4)
+        return min(MEMORY_CAP, torch.cuda.mem_get_info()[0] // 4)
     try:
         meminfo = Path("/proc/meminfo").read_text()
         avail = int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
     except (OSError, AttributeError):
-        return POOL_CAP
-    return min(POOL_CAP, avail // 4)
+        return MEMORY_CAP
+    return min(MEMORY_CAP, avail // 4)
 
 
 def rotation(step: Callable[[int], object], n: int, offset: int) -> Callable[[int], object]:
     """step over slot (i + offset) % n: participants start at different
     slots, so none finds the inputs another one just read still in cache."""
     return lambda i: step((i + offset) % n)
+
+
+def background_cpu_busy(seconds: float = 0.5) -> Optional[float]:
+    """Fraction of the machine's CPU time used by others while we sleep."""
+    def snapshot():
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+        return sum(ticks), ticks[3] + ticks[4]   # total, idle + iowait
+    try:
+        (t0, i0), _, (t1, i1) = snapshot(), time.sleep(seconds), snapshot()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(1 - (i1 - i0) / max(t1 - t0, 1), 3)
+
+
+def release_freed_memory() -> None:
+    """Between cases (never while timing): hand the heap's free pages back,
+    which MALLOC_TRIM_THRESHOLD_ otherwise never does, so that the footprint
+    follows the current case rather than growing with heap fragmentation."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        pass
 
 
 def stats_ms(t: np.ndarray) -> Dict[str, float]:
@@ -280,19 +311,21 @@ def stats_ms(t: np.ndarray) -> Dict[str, float]:
     return {"median": float(med), "p20": float(p20), "p80": float(p80)}
 
 
-def run_case(case: Case, threads: int, device: str, sampling: Sampling, timer, cap: int
-             ) -> List[dict]:
+def run_case(case: Case, thread_counts: Sequence[int], device: str, sampling: Sampling,
+             timer, cap: int) -> Iterator[List[dict]]:
+    """Time one case at each thread count; yields that thread count's rows
+    (fwd, fwd+bwd). Inputs and copy buffers are built once per case."""
     torch.manual_seed(0)
     params, make = BUILDERS[case.family](case.shape, device, **dict(case.kwargs))
-    fns = {impl: make(impl) for impl in ("normops", "aten")}
+    eager = {impl: make(impl) for impl in ("normops", "aten")}
     fmt = {"memory_format": (torch.channels_last if len(case.shape) == 4
                              else torch.channels_last_3d)} if case.channels_last else {}
-    base = torch.randn(case.shape, device=device).to(**fmt)
-    x_bytes = base.numel() * base.element_size()
-    n = rotation_count(2 * x_bytes, cap)   # a slot holds x and dy
-    xs = [base.clone().requires_grad_() for _ in range(n)]
-    dys = [torch.randn_like(base) for _ in range(n)]
-    del base
+    x0, dy0 = (torch.randn(case.shape, device=device).to(**fmt) for _ in range(2))
+    x_bytes = x0.numel() * x0.element_size()
+    n = rotation_count(2 * x_bytes, cap // 3)   # a slot holds x and dy
+    xs = [x0.clone().requires_grad_() for _ in range(n)]
+    dys = [dy0.clone() for _ in range(n)]
+    del x0, dy0
 
     def fwd(fn):
         return lambda k: fn(xs[k])
@@ -300,41 +333,47 @@ def run_case(case: Case, threads: int, device: str, sampling: Sampling, timer, c
     def fwd_bwd(fn):
         return lambda k: torch.autograd.grad(fn(xs[k]), (xs[k], *params), dys[k])
 
-    # torch.compile: once per case and thread count (inductor bakes the thread
-    # count into its CPU kernels); the first call compiles forward and backward.
-    torch._dynamo.reset()
-    compile_s = math.nan
-    try:
-        compiled = torch.compile(make("aten"))
-        t0 = time.perf_counter()
-        fwd_bwd(compiled)(0)
-        compile_s = time.perf_counter() - t0
-        fns["compile"] = compiled
-    except Exception as exc:  # noqa: BLE001 - record NaN and go on
-        log(f"\n    torch.compile failed: {type(exc).__name__}: {str(exc)[:200]}")
-
-    rows = []
+    passes = []
     for pass_name, wrap, traffic in (("fwd", fwd, 2 * x_bytes), ("fwd+bwd", fwd_bwd, 5 * x_bytes)):
-        n_copy = rotation_count(2 * traffic, cap)
-        copy_bufs = [(torch.ones(traffic // 4, device=device), torch.empty(traffic // 4, device=device))
-                     for _ in range(n_copy)]
-        steps = {impl: rotation(wrap(fn), n, j * n // len(fns)) for j, (impl, fn) in enumerate(fns.items())}
-        steps["copy"] = rotation(lambda k: copy_bufs[k][1].copy_(copy_bufs[k][0]), n_copy, 0)
-        t = {impl: stats_ms(v) for impl, v in measure(steps, timer, sampling).items()}
-        del copy_bufs
-        t.setdefault("compile", stats_ms(np.asarray([np.nan])))
-        nm, at, co, cp = (t[i]["median"] for i in IMPLS)
-        gbps, copy_gbps = traffic / nm / 1e6, 2 * traffic / cp / 1e6
-        rows.append({
-            "family": case.family, "label": case.label, "shape": case.shape_str,
-            "layout": case.layout, "threads": threads, "pass": pass_name,
-            **{f"{impl}_{k}": v for impl in IMPLS for k, v in t[impl].items()},
-            "speedup_aten": at / nm, "speedup_compile": co / nm,
-            "normops_gbps": gbps, "copy_gbps": copy_gbps, "copy_fraction": gbps / copy_gbps,
-            "traffic_bytes": traffic, "input_copies": n, "copy_copies": n_copy,
-            "compile_s": compile_s,
-        })
-    return rows
+        bufs = [(torch.ones(traffic // 4, device=device), torch.ones(traffic // 4, device=device))
+                for _ in range(rotation_count(2 * traffic, cap // 3))]
+        passes.append((pass_name, wrap, traffic, bufs))
+
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        # torch.compile once per case and thread count (inductor bakes the
+        # thread count into its CPU kernels); the first call compiles the
+        # forward and the backward.
+        torch._dynamo.reset()
+        fns, compile_s = dict(eager), math.nan
+        try:
+            compiled = torch.compile(make("aten"))
+            t0 = time.perf_counter()
+            fwd_bwd(compiled)(0)
+            compile_s = time.perf_counter() - t0
+            fns["compile"] = compiled
+        except Exception as exc:  # noqa: BLE001 - record NaN and go on
+            log(f"    torch.compile failed: {type(exc).__name__}: {str(exc)[:200]}")
+
+        rows = []
+        for pass_name, wrap, traffic, bufs in passes:
+            steps = {impl: rotation(wrap(fn), n, j * n // len(fns))
+                     for j, (impl, fn) in enumerate(fns.items())}
+            steps["copy"] = rotation(lambda k, bufs=bufs: bufs[k][1].copy_(bufs[k][0]), len(bufs), 0)
+            t = {impl: stats_ms(v) for impl, v in measure(steps, timer, sampling).items()}
+            t.setdefault("compile", stats_ms(np.asarray([np.nan])))
+            nm, at, co, cp = (t[i]["median"] for i in IMPLS)
+            gbps, copy_gbps = traffic / nm / 1e6, 2 * traffic / cp / 1e6
+            rows.append({
+                "family": case.family, "label": case.label, "shape": case.shape_str,
+                "layout": case.layout, "threads": threads, "pass": pass_name,
+                **{f"{impl}_{k}": v for impl in IMPLS for k, v in t[impl].items()},
+                "speedup_aten": at / nm, "speedup_compile": co / nm,
+                "normops_gbps": gbps, "copy_gbps": copy_gbps, "copy_fraction": gbps / copy_gbps,
+                "traffic_bytes": traffic, "input_copies": n, "copy_copies": len(bufs),
+                "compile_s": compile_s,
+            })
+        yield rows
 
 
 # --------------------------------------------------------------------------
@@ -404,21 +443,23 @@ def metadata(args, threads: List[int]) -> dict:
     status = git("status", "--porcelain", "--untracked-files=no")
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "argv": sys.argv, "mode": "full" if args.full else "quick", "device": args.device,
+        "argv": sys.orig_argv, "mode": "full" if args.full else "quick", "device": args.device,
         "platform": platform.platform(), "cpu_model": cpu, "logical_cpus": os.cpu_count(),
         "cuda_device": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "python": platform.python_version(), "torch": torch.__version__,
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "normops": normops.__version__, "normops_cpu_capability": normops.cpu_capability(),
         "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
+        "background_cpu_busy_start": background_cpu_busy(),
         "threads": threads, "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
-        "target_working_set_bytes": TARGET_WORKING_SET, "pool_cap_bytes": POOL_CAP,
+        "target_working_set_bytes": TARGET_WORKING_SET, "memory_cap_bytes": MEMORY_CAP,
         "sampling": vars(FULL if args.full else QUICK),
     }
 
 
 def plot(rows: List[dict], path: Path, meta: dict) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -428,10 +469,16 @@ def plot(rows: List[dict], path: Path, meta: dict) -> None:
     y = np.arange(len(cases))
     fig, ax = plt.subplots(figsize=(9, 1.5 + 0.28 * len(cases)))
     for k, (pass_name, color) in enumerate((("fwd", "tab:blue"), ("fwd+bwd", "tab:orange"))):
-        vals = [speed.get((*c, pass_name), math.nan) for c in cases]
-        ax.barh(y + (k - 0.5) * 0.4, vals, height=0.4, color=color, label=pass_name)
+        vals = np.array([speed.get((*c, pass_name), math.nan) for c in cases])
+        ax.barh(y + (k - 0.5) * 0.4, vals - 1, left=1, height=0.4, color=color, label=pass_name)
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_xscale("log")
+    finite = [v for v in speed.values() if v > 0 and math.isfinite(v)] or [1.0]
+    ax.set_xlim(2.0 ** math.floor(math.log2(min(finite + [1.0]))),
+                2.0 ** math.ceil(math.log2(max(finite + [1.0]))))
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_yticks(y, [f"{f} {s} {l} t{t}" for f, s, l, t in cases], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("speedup of normops vs ATen eager (ATen time / normops time), log scale")
@@ -463,7 +510,8 @@ def write_outputs(rows: List[dict], meta: dict, summary: List[str], out: Path) -
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="every shape in shapes.json, more samples")
-    p.add_argument("--threads", help="comma-separated thread counts (default: 1 and all)")
+    p.add_argument("--threads", help="comma-separated CPU thread counts (default: 1 and all; "
+                   "on cuda: all)")
     p.add_argument("--ops", default=",".join(FAMILIES), help=f"subset of {','.join(FAMILIES)}")
     p.add_argument("--out", type=Path, default=HERE / "results", help="output folder")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -477,6 +525,7 @@ def parse_args(argv=None):
                 f"CUDA {torch.version.cuda}); run with --device cpu")
     try:
         args.threads = ([int(t) for t in args.threads.split(",")] if args.threads
+                        else [torch.get_num_threads()] if args.device == "cuda"
                         else sorted({1, torch.get_num_threads()}))
     except ValueError:
         p.error(f"--threads expects comma-separated integers, got {args.threads!r}")
@@ -494,17 +543,23 @@ def main(argv=None) -> None:
     log(f"normops benchmark ({meta['mode']}): {len(cases)} cases x threads {args.threads} on "
         f"{args.device} ({meta['cpu_model']}, normops {meta['normops_cpu_capability']}); "
         f"malloc env {'set' if all(meta['malloc_env'].values()) else 'NOT set'}")
-    rows, total, t_start = [], len(cases) * len(args.threads), time.perf_counter()
-    for k, (case, threads) in enumerate(((c, t) for c in cases for t in args.threads), 1):
-        torch.set_num_threads(threads)
-        log(f"[{k:>3}/{total}] {case.name} t={threads} ...", end="")
+    if (busy := meta["background_cpu_busy_start"] or 0) > 0.1:
+        log(f"warning: other processes keep {busy:.0%} of the CPUs busy; timings (above all "
+            f"with {max(args.threads)} threads) will be noisy")
+    rows, total, t_start, k = [], len(cases) * len(args.threads), time.perf_counter(), 0
+    for case in cases:
         t0 = time.perf_counter()
-        new = run_case(case, threads, args.device, sampling, timer, cap)
-        rows += new
-        gc.collect()
-        log(" ".join(f" {r['pass']} x{_f(r['speedup_aten'], '.2f')}" for r in new)
-            + f"  (compile {_f(new[0]['compile_s'], '.1f')}s, {time.perf_counter() - t0:.1f}s)")
+        for new in run_case(case, args.threads, args.device, sampling, timer, cap):
+            k += 1
+            log(f"[{k:>3}/{total}] {case.name} t={new[0]['threads']}:"
+                + "".join(f"  {r['pass']} x{_f(r['speedup_aten'], '.2f')}" for r in new)
+                + f"  (compile {_f(new[0]['compile_s'], '.1f')}s, {time.perf_counter() - t0:.1f}s)")
+            rows += new
+            t0 = time.perf_counter()
+        release_freed_memory()
     meta["wall_s"] = round(time.perf_counter() - t_start, 1)
+    meta["background_cpu_busy_end"] = background_cpu_busy()
+    meta["max_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     print_table(rows)
     summary = summarize(rows)
     print("\n" + "\n".join(summary))

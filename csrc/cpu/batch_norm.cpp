@@ -103,17 +103,13 @@ std::tuple<Tensor, Tensor, Tensor> forward_by_channel(const ChannelView& v,
     T* y = ptr<T>(out);
     at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        A count = 0, mu = 0, q = 0;
-        for (int64_t p = c; p < v.N * v.C; p += v.C) {
-          A pm, pq;
-          k.plane_moments(x, v.HW, p, p + 1, &pm, &pq);
-          chan_merge(count, mu, q, A(v.HW), pm, pq);
-        }
-        const A var_c = q / count;
+        // Channel c: N runs of HW elements, C*HW apart.
+        const int64_t off = c * v.HW, stride = v.C * v.HW;
+        A mu, q;
+        k.span_moments(x + off, v.HW, stride, v.N, &mu, &q);
+        const A var_c = q / A(v.N * v.HW);
         const A scale = A(ptr<double>(w)[c] / std::sqrt(double(var_c) + eps));
-        const A shift = A(ptr<double>(b)[c]);
-        for (int64_t p = c; p < v.N * v.C; p += v.C)
-          k.plane_affine[act](x, y, v.HW, p, p + 1, 1, &mu, &scale, &shift);
+        k.span_affine[act](x + off, y + off, v.HW, stride, v.N, mu, scale, A(ptr<double>(b)[c]));
         ptr<A>(mean)[c] = mu;
         ptr<A>(var)[c] = var_c;
       }
@@ -137,19 +133,14 @@ Tensor backward_by_channel(const ChannelView& v, const Tensor& dy, const Folded&
     at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const A m = ptr<A>(f.acc_mean)[c], s = ptr<A>(f.acc_scale)[c], h = ptr<A>(f.acc_bias)[c];
-        double sd = 0, sx = 0;
-        for (int64_t p = c; p < v.N * v.C; p += v.C) {
-          A pd, px;
-          k.plane_grad_sums[act](g, x, v.HW, p, p + 1, 1, &m, &s, &h, &pd, &px);
-          sd += pd;
-          sx += px;
-        }
+        const int64_t off = c * v.HW, stride = v.C * v.HW;
+        A sd, sx;
+        k.span_grad_sums[act](g + off, x + off, v.HW, stride, v.N, m, s, h, &sd, &sx);
         ptr<double>(sum_dy)[c] = sd;
         ptr<double>(sum_dy_xmu)[c] = sx;
         const double inv = ptr<double>(f.invstd)[c], a = inv * ptr<double>(f.weight)[c];
-        const A ka = A(a), kb = A(-a * inv * inv * sx / count), kc = A(-a * sd / count);
-        for (int64_t p = c; p < v.N * v.C; p += v.C)
-          k.plane_grad_input[act](g, x, d, v.HW, p, p + 1, 1, &ka, &kb, &m, &kc, &s, &h);
+        k.span_grad_input[act](g + off, x + off, d + off, v.HW, stride, v.N, A(a),
+                               A(-a * inv * inv * sx / count), m, A(-a * sd / count), s, h);
       }
     });
   });

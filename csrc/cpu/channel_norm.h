@@ -57,7 +57,8 @@ std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample)
     Tensor pq = per_sample ? m2 : at::empty({v.N * v.C}, opts);
     const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
     at::parallel_for(0, v.N * v.C, grain, [&](int64_t p0, int64_t p1) {
-      k.plane_moments(x, v.HW, p0, p1, ptr<A>(pm) + p0, ptr<A>(pq) + p0);
+      for (int64_t p = p0; p < p1; ++p)
+        k.span_moments(x + p * v.HW, v.HW, 0, 1, ptr<A>(pm) + p, ptr<A>(pq) + p);
     });
     if (!per_sample) {
       A* om = ptr<A>(mean);
@@ -130,7 +131,9 @@ void channel_affine(const ChannelView& v, const Tensor& out, const Tensor& mean,
     const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
     const int64_t period = per_sample ? v.N * v.C : v.C;
     at::parallel_for(0, v.N * v.C, grain, [&](int64_t p0, int64_t p1) {
-      k.plane_affine[act](x, y, v.HW, p0, p1, period, m, s, h);
+      for (int64_t p = p0; p < p1; ++p)
+        k.span_affine[act](x + p * v.HW, y + p * v.HW, v.HW, 0, 1, m[p % period], s[p % period],
+                           h[p % period]);
     });
     return;
   }
@@ -179,8 +182,9 @@ std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& 
     const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
     const int64_t period = per_sample ? v.N * C : C;
     at::parallel_for(0, v.N * C, grain, [&](int64_t p0, int64_t p1) {
-      k.plane_grad_sums[act](g, x, v.HW, p0, p1, period, m, s, h, ptr<A>(pd) + p0,
-                             ptr<A>(px) + p0);
+      for (int64_t p = p0; p < p1; ++p)
+        k.span_grad_sums[act](g + p * v.HW, x + p * v.HW, v.HW, 0, 1, m[p % period],
+                              s[p % period], h[p % period], ptr<A>(pd) + p, ptr<A>(px) + p);
     });
     const A* id = ptr<const A>(pd);
     const A* ix = ptr<const A>(px);
@@ -237,7 +241,11 @@ void channel_grad_input(const ChannelView& v, const Tensor& dy, const Tensor& dx
     const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
     const int64_t period = per_sample ? v.N * v.C : v.C;
     at::parallel_for(0, v.N * v.C, grain, [&](int64_t p0, int64_t p1) {
-      k.plane_grad_input[act](g, x, d, v.HW, p0, p1, period, pa, pb, pm, pc, ps, ph);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t i = p % period;
+        k.span_grad_input[act](g + p * v.HW, x + p * v.HW, d + p * v.HW, v.HW, 0, 1, pa[i], pb[i],
+                               pm[i], pc[i], ps[i], ph[i]);
+      }
     });
     return;
   }

@@ -50,12 +50,12 @@ void forward_by_group(const ChannelView& v, int64_t G, const Tensor& out, const 
   at::parallel_for(0, v.N * G, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t ng = g0; ng < g1; ++ng) {
       A gm, gq;
-      k.plane_moments(x, D * v.HW, ng, ng + 1, &gm, &gq);
+      k.span_moments(x + ng * D * v.HW, D * v.HW, 0, 1, &gm, &gq);
       const double r = 1.0 / std::sqrt(double(gq) / double(D * v.HW) + eps);
       for (int64_t d = 0; d < D; ++d) {
         const int64_t c = (ng % G) * D + d, p = ng * D + d;
         const A s = A(r * ptr<double>(w)[c]), h = A(ptr<double>(b)[c]);
-        k.plane_affine[0](x, y, v.HW, p, p + 1, 1, &gm, &s, &h);
+        k.span_affine[0](x + p * v.HW, y + p * v.HW, v.HW, 0, 1, gm, s, h);
       }
       ptr<double>(mean)[ng] = gm;
       ptr<double>(rstd)[ng] = r;
@@ -122,7 +122,6 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
   const T* x = ptr<const T>(v.x);
   const T* g = ptr<const T>(dy);
   T* d = ptr<T>(dx);
-  const A one = 1, zero = 0;
   at::parallel_for(0, v.N * G, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t ng = g0; ng < g1; ++ng) {
       const A m = A(ptr<double>(mean)[ng]);
@@ -132,7 +131,7 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
         const int64_t p = ng * D + j;
         const double wc = ptr<double>(w)[(ng % G) * D + j];
         A pd, px;
-        k.plane_grad_sums[0](g, x, v.HW, p, p + 1, 1, &m, &one, &zero, &pd, &px);
+        k.span_grad_sums[0](g + p * v.HW, x + p * v.HW, v.HW, 0, 1, m, 1, 0, &pd, &px);
         ptr<double>(sum_dy)[p] = pd;
         ptr<double>(sum_dy_xmu)[p] = px;
         e1 += wc * pd;
@@ -144,7 +143,8 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
       for (int64_t j = 0; j < D; ++j) {
         const int64_t p = ng * D + j;
         const A ka = A(r * ptr<double>(w)[(ng % G) * D + j]);
-        k.plane_grad_input[0](g, x, d, v.HW, p, p + 1, 1, &ka, &kb, &m, &kc, &one, &zero);
+        k.span_grad_input[0](g + p * v.HW, x + p * v.HW, d + p * v.HW, v.HW, 0, 1, ka, kb, m, kc,
+                             1, 0);
       }
     }
   });

@@ -8,9 +8,9 @@
 // capability-specific objects include no ATen header.
 //
 // Two layouts cover every op:
-//  - planes: `count` contiguous spans of `len` elements (NCHW: one span per
-//    (n, c); plane p uses the per-plane constants at index p % period, so
-//    period = C gives per-channel constants, period = N*C per-(n, c) ones);
+//  - spans: `count` runs of `len` contiguous elements, run j at
+//    x + j * stride, with scalar constants (NCHW: one channel across the
+//    batch, one group, or one plane);
 //  - rows: `rows` x C row-major blocks (channels_last, and NCHW with one
 //    spatial element); constants are per channel.
 #pragma once
@@ -45,8 +45,8 @@ template <typename T>
 struct Kernels {
   using A = acc_t<T>;
 
-  // Two-pass moments of each plane p in [p0, p1): mean[p - p0], m2[p - p0].
-  void (*plane_moments)(const T* x, int64_t len, int64_t p0, int64_t p1, A* mean, A* m2);
+  // Moments of all the elements of a span set, blocked two-pass.
+  void (*span_moments)(const T* x, int64_t len, int64_t stride, int64_t count, A* mean, A* m2);
   // Two-pass moments of each column of a rows x C block: mean[c], m2[c].
   void (*column_moments)(const T* x, int64_t rows, int64_t C, A* mean, A* m2);
   // Chan-merge column moments of a block of count_b rows into accumulators
@@ -56,28 +56,26 @@ struct Kernels {
 
   // y = act((x - mean) * scale + bias). Centring first keeps the result
   // accurate for data with a large mean.
-  void (*plane_affine[kNumActs])(const T* x, T* y, int64_t len, int64_t p0, int64_t p1,
-                                 int64_t period, const A* mean, const A* scale, const A* bias);
+  void (*span_affine[kNumActs])(const T* x, T* y, int64_t len, int64_t stride, int64_t count,
+                                A mean, A scale, A bias);
   void (*row_affine[kNumActs])(const T* x, T* y, int64_t rows, int64_t C, const A* mean,
                                const A* scale, const A* bias);
 
   // With g = dy masked by the activation's gradient at the pre-activation
   // z = (x - mean) * scale + bias: sum_dy = sum(g) and sum_dy_xmu =
-  // sum(g * (x - mean)), per plane p (written at index p - p0) or per channel
-  // of a block (written at index c).
-  void (*plane_grad_sums[kNumActs])(const T* dy, const T* x, int64_t len, int64_t p0,
-                                    int64_t p1, int64_t period, const A* mean,
-                                    const A* scale, const A* bias, A* sum_dy,
-                                    A* sum_dy_xmu);
+  // sum(g * (x - mean)), over a span set, or per channel of a block (written
+  // at index c).
+  void (*span_grad_sums[kNumActs])(const T* dy, const T* x, int64_t len, int64_t stride,
+                                   int64_t count, A mean, A scale, A bias, A* sum_dy,
+                                   A* sum_dy_xmu);
   void (*row_grad_sums[kNumActs])(const T* dy, const T* x, int64_t rows, int64_t C,
                                   const A* mean, const A* scale, const A* bias, A* sum_dy,
                                   A* sum_dy_xmu);
 
   // dx = a * g + b * (x - m) + c, g as above with mean = m.
-  void (*plane_grad_input[kNumActs])(const T* dy, const T* x, T* dx, int64_t len, int64_t p0,
-                                     int64_t p1, int64_t period, const A* a, const A* b,
-                                     const A* m, const A* c, const A* scale,
-                                     const A* bias);
+  void (*span_grad_input[kNumActs])(const T* dy, const T* x, T* dx, int64_t len,
+                                    int64_t stride, int64_t count, A a, A b, A m, A c,
+                                    A scale, A bias);
   void (*row_grad_input[kNumActs])(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
                                    const A* a, const A* b, const A* m, const A* c,
                                    const A* scale, const A* bias);

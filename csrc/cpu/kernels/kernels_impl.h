@@ -42,40 +42,68 @@ NORMOPS_INLINE bf16_t store<bf16_t>(float v) {
   return bf16_t{static_cast<uint16_t>(v != v ? 0x7fc0u : rounded)};
 }
 
-// Moments of one contiguous span.
+// Exact two-pass moments of one cache-sized block: `runs` runs of `len`
+// elements, run j at x + j * stride. The first pass is shifted by the block's
+// first value, so the sum stays at the scale of the spread, not of the mean;
+// the second is the corrected two-pass, which removes the rounding left in
+// the block mean.
 template <typename T>
-NORMOPS_INLINE void span_moments(const T* __restrict x, int64_t len, acc_t<T>& mean,
-                                 acc_t<T>& m2) {
+NORMOPS_INLINE void block_moments(const T* x, int64_t len, int64_t stride, int64_t runs,
+                                  acc_t<T>& mean, acc_t<T>& m2) {
   using A = acc_t<T>;
-  A count = 0, mu = 0, q = 0;
-  for (int64_t b0 = 0; b0 < len; b0 += kBlockElems) {
-    const int64_t n = len - b0 < kBlockElems ? len - b0 : kBlockElems;
-    const T* __restrict xb = x + b0;
-    // Shifted by the block's first value, as in column_moments.
-    const A shift = load(xb[0]);
-    A s = 0;
-    NORMOPS_SIMD_SUM(s)
-    for (int64_t i = 0; i < n; ++i) s += load(xb[i]) - shift;
-    const A bm = shift + s / A(n);
-    A bq = 0, bd = 0;
-    NORMOPS_SIMD_SUM(bq, bd)
-    for (int64_t i = 0; i < n; ++i) {
-      const A d = load(xb[i]) - bm;
-      bq += d * d;
-      bd += d;
-    }
-    // The corrected two-pass: removes the rounding error left in bm.
-    bq -= bd * bd / A(n);
-    chan_merge(count, mu, q, A(n), bm, bq);
+  const A shift = load(x[0]);
+  A s = 0;
+  for (int64_t j = 0; j < runs; ++j) {
+    const T* __restrict xj = x + j * stride;
+    A sj = 0;
+    NORMOPS_SIMD_SUM(sj)
+    for (int64_t i = 0; i < len; ++i) sj += load(xj[i]) - shift;
+    s += sj;
   }
-  mean = mu;
-  m2 = q;
+  const A n = A(len * runs);
+  const A bm = shift + s / n;
+  A q = 0, dsum = 0;
+  for (int64_t j = 0; j < runs; ++j) {
+    const T* __restrict xj = x + j * stride;
+    A qj = 0, dj = 0;
+    NORMOPS_SIMD_SUM(qj, dj)
+    for (int64_t i = 0; i < len; ++i) {
+      const A d = load(xj[i]) - bm;
+      qj += d * d;
+      dj += d;
+    }
+    q += qj;
+    dsum += dj;
+  }
+  mean = bm;
+  m2 = q - dsum * dsum / n;
 }
 
+// Spans: `count` runs of `len` contiguous elements, run j at x + j * stride
+// (an NCHW channel across the batch, a group, or one plane). Long runs are
+// cut into blocks, short ones gathered into blocks, so every block is
+// reduced in cache and the blocks are Chan-merged.
 template <typename T>
-void plane_moments(const T* x, int64_t len, int64_t p0, int64_t p1, acc_t<T>* mean,
-                   acc_t<T>* m2) {
-  for (int64_t p = p0; p < p1; ++p) span_moments(x + p * len, len, mean[p - p0], m2[p - p0]);
+void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, acc_t<T>* mean,
+                  acc_t<T>* m2) {
+  using A = acc_t<T>;
+  A n = 0, mu = 0, q = 0;
+  const auto add = [&](const T* p, int64_t l, int64_t runs) {
+    A bm, bq;
+    block_moments(p, l, stride, runs, bm, bq);
+    chan_merge(n, mu, q, A(l * runs), bm, bq);
+  };
+  if (len >= kBlockElems) {
+    for (int64_t j = 0; j < count; ++j)
+      for (int64_t b0 = 0; b0 < len; b0 += kBlockElems)
+        add(x + j * stride + b0, len - b0 < kBlockElems ? len - b0 : kBlockElems, 1);
+  } else if (len > 0) {
+    const int64_t per_block = kBlockElems / len;
+    for (int64_t j0 = 0; j0 < count; j0 += per_block)
+      add(x + j0 * stride, len, count - j0 < per_block ? count - j0 : per_block);
+  }
+  *mean = mu;
+  *m2 = q;
 }
 
 template <typename T>
@@ -125,16 +153,13 @@ void merge_columns(A* __restrict mean, A* __restrict m2, A count_a, const A* __r
 }
 
 template <typename T, Act act>
-void plane_affine(const T* x, T* y, int64_t len, int64_t p0, int64_t p1, int64_t period,
-                  const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* bias) {
-  using A = acc_t<T>;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t k = p % period;
-    const A m = mean[k], s = scale[k], h = bias[k];
-    const T* __restrict xp = x + p * len;
-    T* __restrict yp = y + p * len;
+void span_affine(const T* x, T* y, int64_t len, int64_t stride, int64_t count, acc_t<T> m,
+                 acc_t<T> s, acc_t<T> h) {
+  for (int64_t j = 0; j < count; ++j) {
+    const T* __restrict xj = x + j * stride;
+    T* __restrict yj = y + j * stride;
     NORMOPS_SIMD
-    for (int64_t i = 0; i < len; ++i) yp[i] = store<T>(activate<act>((load(xp[i]) - m) * s + h));
+    for (int64_t i = 0; i < len; ++i) yj[i] = store<T>(activate<act>((load(xj[i]) - m) * s + h));
   }
 }
 
@@ -152,19 +177,16 @@ void row_affine(const T* __restrict x, T* __restrict y, int64_t rows, int64_t C,
 }
 
 template <typename T, Act act>
-void plane_grad_sums(const T* dy, const T* x, int64_t len, int64_t p0, int64_t p1,
-                     int64_t period, const acc_t<T>* mean, const acc_t<T>* scale,
-                     const acc_t<T>* bias, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xmu) {
+void span_grad_sums(const T* dy, const T* x, int64_t len, int64_t stride, int64_t count,
+                    acc_t<T> m, acc_t<T> s, acc_t<T> h, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xmu) {
   using A = acc_t<T>;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t k = p % period;
-    const A m = mean[k], s = scale[k], h = bias[k];
-    // Blocks summed in double: long planes keep full accuracy in float.
-    double total_dy = 0, total_dy_xmu = 0;
+  // Blocks summed in double: long spans keep full accuracy in float.
+  double total_dy = 0, total_dy_xmu = 0;
+  for (int64_t j = 0; j < count; ++j) {
     for (int64_t b0 = 0; b0 < len; b0 += kBlockElems) {
       const int64_t n = len - b0 < kBlockElems ? len - b0 : kBlockElems;
-      const T* __restrict xb = x + p * len + b0;
-      const T* __restrict gb = dy + p * len + b0;
+      const T* __restrict xb = x + j * stride + b0;
+      const T* __restrict gb = dy + j * stride + b0;
       A a = 0, b = 0;
       NORMOPS_SIMD_SUM(a, b)
       for (int64_t i = 0; i < n; ++i) {
@@ -176,9 +198,9 @@ void plane_grad_sums(const T* dy, const T* x, int64_t len, int64_t p0, int64_t p
       total_dy += a;
       total_dy_xmu += b;
     }
-    sum_dy[p - p0] = A(total_dy);
-    sum_dy_xmu[p - p0] = A(total_dy_xmu);
   }
+  *sum_dy = A(total_dy);
+  *sum_dy_xmu = A(total_dy_xmu);
 }
 
 template <typename T, Act act>
@@ -203,22 +225,18 @@ void row_grad_sums(const T* __restrict dy, const T* __restrict x, int64_t rows, 
 }
 
 template <typename T, Act act>
-void plane_grad_input(const T* dy, const T* x, T* dx, int64_t len, int64_t p0, int64_t p1,
-                      int64_t period, const acc_t<T>* a, const acc_t<T>* b,
-                      const acc_t<T>* m, const acc_t<T>* c, const acc_t<T>* scale,
-                      const acc_t<T>* bias) {
+void span_grad_input(const T* dy, const T* x, T* dx, int64_t len, int64_t stride, int64_t count,
+                     acc_t<T> a, acc_t<T> b, acc_t<T> m, acc_t<T> c, acc_t<T> s, acc_t<T> h) {
   using A = acc_t<T>;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t k = p % period;
-    const A ka = a[k], kb = b[k], km = m[k], kc = c[k], s = scale[k], h = bias[k];
-    const T* __restrict xp = x + p * len;
-    const T* __restrict gp = dy + p * len;
-    T* __restrict dp = dx + p * len;
+  for (int64_t j = 0; j < count; ++j) {
+    const T* __restrict xj = x + j * stride;
+    const T* __restrict gj = dy + j * stride;
+    T* __restrict dj = dx + j * stride;
     NORMOPS_SIMD
     for (int64_t i = 0; i < len; ++i) {
-      const A xv = load(xp[i]);
-      const A g = activation_grad<act>((xv - km) * s + h, A(load(gp[i])));
-      dp[i] = store<T>(ka * g + kb * (xv - km) + kc);
+      const A xv = load(xj[i]);
+      const A g = activation_grad<act>((xv - m) * s + h, A(load(gj[i])));
+      dj[i] = store<T>(a * g + b * (xv - m) + c);
     }
   }
 }
@@ -251,7 +269,7 @@ void layer_norm_rows(const T* x, T* y, int64_t rows, int64_t D, const acc_t<T>* 
     const T* __restrict xr = x + r * D;
     T* __restrict yr = y + r * D;
     A mu, m2;
-    span_moments(xr, D, mu, m2);
+    span_moments(xr, D, 0, 1, &mu, &m2);
     const A rs = inv_std(m2 / A(D), eps);
     mean[r] = mu;
     rstd[r] = rs;
@@ -315,17 +333,17 @@ void layer_norm_backward_rows(const T* dy, const T* x, T* dx, int64_t rows, int6
 template <typename T>
 const Kernels<T>& kernel_table() {
   static const Kernels<T> table = {
-      &plane_moments<T>,
+      &span_moments<T>,
       &column_moments<T>,
       &merge_columns<acc_t<T>>,
-      {&plane_affine<T, Act::None>, &plane_affine<T, Act::ReLU>, &plane_affine<T, Act::ReLU6>},
+      {&span_affine<T, Act::None>, &span_affine<T, Act::ReLU>, &span_affine<T, Act::ReLU6>},
       {&row_affine<T, Act::None>, &row_affine<T, Act::ReLU>, &row_affine<T, Act::ReLU6>},
-      {&plane_grad_sums<T, Act::None>, &plane_grad_sums<T, Act::ReLU>,
-       &plane_grad_sums<T, Act::ReLU6>},
+      {&span_grad_sums<T, Act::None>, &span_grad_sums<T, Act::ReLU>,
+       &span_grad_sums<T, Act::ReLU6>},
       {&row_grad_sums<T, Act::None>, &row_grad_sums<T, Act::ReLU>,
        &row_grad_sums<T, Act::ReLU6>},
-      {&plane_grad_input<T, Act::None>, &plane_grad_input<T, Act::ReLU>,
-       &plane_grad_input<T, Act::ReLU6>},
+      {&span_grad_input<T, Act::None>, &span_grad_input<T, Act::ReLU>,
+       &span_grad_input<T, Act::ReLU6>},
       {&row_grad_input<T, Act::None>, &row_grad_input<T, Act::ReLU>,
        &row_grad_input<T, Act::ReLU6>},
       &layer_norm_rows<T>,
