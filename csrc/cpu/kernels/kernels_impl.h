@@ -87,20 +87,22 @@ template <typename T>
 void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, acc_t<T>* mean,
                   acc_t<T>* m2) {
   using A = acc_t<T>;
-  A n = 0, mu = 0, q = 0;
-  const auto add = [&](const T* p, int64_t l, int64_t runs) {
-    A bm, bq;
-    block_moments(p, l, stride, runs, bm, bq);
-    chan_merge(n, mu, q, A(l * runs), bm, bq);
-  };
+  A n = 0, mu = 0, q = 0, bm, bq;
   if (len >= kBlockElems) {
-    for (int64_t j = 0; j < count; ++j)
-      for (int64_t b0 = 0; b0 < len; b0 += kBlockElems)
-        add(x + j * stride + b0, len - b0 < kBlockElems ? len - b0 : kBlockElems, 1);
+    for (int64_t j = 0; j < count; ++j) {
+      for (int64_t b0 = 0; b0 < len; b0 += kBlockElems) {
+        const int64_t l = len - b0 < kBlockElems ? len - b0 : kBlockElems;
+        block_moments(x + j * stride + b0, l, stride, 1, bm, bq);
+        chan_merge(n, mu, q, A(l), bm, bq);
+      }
+    }
   } else if (len > 0) {
     const int64_t per_block = kBlockElems / len;
-    for (int64_t j0 = 0; j0 < count; j0 += per_block)
-      add(x + j0 * stride, len, count - j0 < per_block ? count - j0 : per_block);
+    for (int64_t j0 = 0; j0 < count; j0 += per_block) {
+      const int64_t runs = count - j0 < per_block ? count - j0 : per_block;
+      block_moments(x + j0 * stride, len, stride, runs, bm, bq);
+      chan_merge(n, mu, q, A(len * runs), bm, bq);
+    }
   }
   *mean = mu;
   *m2 = q;
