@@ -80,32 +80,24 @@ std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample)
   const int64_t rows_per_sample = per_sample ? v.HW : v.N * v.HW;
   const int64_t R = block_rows(v.C, sizeof(T));
   const int64_t max_tasks = samples * std::max<int64_t>(1, at::get_num_threads());
-  std::vector<A> part(static_cast<size_t>(max_tasks * v.C * 4));
+  // Per task: moments [2C], then the kernel's scratch [3C].
+  std::vector<A> part(static_cast<size_t>(max_tasks * v.C * 5));
   std::vector<A> part_count(static_cast<size_t>(max_tasks));
   const int64_t C = v.C;
   const int64_t splits = for_each_row_task(samples, rows_per_sample, R, [&](int64_t t, int64_t, int64_t r0, int64_t r1) {
-    A* tm = part.data() + t * C * 4;
-    A* tq = tm + C;
-    A* bm = tq + C;
-    A* bq = bm + C;
-    A count = 0;
-    for (int64_t b0 = r0; b0 < r1; b0 += R) {
-      const int64_t rows = std::min(R, r1 - b0);
-      k.column_moments(x + b0 * C, rows, C, count == 0 ? tm : bm, count == 0 ? tq : bq);
-      if (count != 0) k.merge_columns(tm, tq, count, bm, bq, A(rows), C);
-      count += A(rows);
-    }
-    part_count[t] = count;
+    A* tm = part.data() + t * C * 5;
+    k.column_moments(x + r0 * C, r1 - r0, C, R, tm, tm + C, tm + 2 * C);
+    part_count[t] = A(r1 - r0);
   });
   // Every task holds at least one row: merge each sample's tasks into its first.
   A* om = ptr<A>(mean);
   A* oq = ptr<A>(m2);
   for (int64_t n = 0; n < samples; ++n) {
-    A* base = part.data() + n * splits * C * 4;
+    A* base = part.data() + n * splits * C * 5;
     A count = part_count[n * splits];
     for (int64_t s = 1; s < splits; ++s) {
       const int64_t t = n * splits + s;
-      const A* tm = part.data() + t * C * 4;
+      const A* tm = part.data() + t * C * 5;
       k.merge_columns(base, base + C, count, tm, tm + C, part_count[t], C);
       count += part_count[t];
     }
@@ -199,18 +191,14 @@ std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& 
   const int64_t rows_per_sample = per_sample ? v.HW : v.N * v.HW;
   const int64_t R = block_rows(C, 2 * sizeof(T));
   const int64_t max_tasks = samples * std::max<int64_t>(1, at::get_num_threads());
-  // Per task: double accumulators [2C] then a float block buffer [2C].
+  // Per task: double accumulators [2C], and the kernel's scratch [2C].
   std::vector<double> acc(static_cast<size_t>(max_tasks * C * 2), 0.0);
-  std::vector<A> blk(static_cast<size_t>(max_tasks * C * 2));
+  std::vector<A> scratch(static_cast<size_t>(max_tasks * C * 2));
   const int64_t splits = for_each_row_task(samples, rows_per_sample, R, [&](int64_t t, int64_t n, int64_t r0, int64_t r1) {
     double* ad = acc.data() + t * C * 2;
-    A* bd = blk.data() + t * C * 2;
     const int64_t o = per_sample ? n * C : 0;
-    for (int64_t b0 = r0; b0 < r1; b0 += R) {
-      const int64_t rows = std::min(R, r1 - b0);
-      k.row_grad_sums[act](g + b0 * C, x + b0 * C, rows, C, m + o, s + o, h + o, bd, bd + C);
-      for (int64_t c = 0; c < 2 * C; ++c) ad[c] += bd[c];
-    }
+    k.row_grad_sums[act](g + r0 * C, x + r0 * C, r1 - r0, C, R, m + o, s + o, h + o, ad, ad + C,
+                         scratch.data() + t * C * 2);
   });
   for (int64_t n = 0; n < samples; ++n) {
     for (int64_t sp = 0; sp < splits; ++sp) {

@@ -146,10 +146,12 @@ void for_each_chunk(int64_t total, int64_t chunks, const F& f) {
   });
 }
 
-// Rows per cache block for row-layout reductions over C channels.
+// Rows per cache block for row-layout reductions over C channels: about
+// 64 KB, and at most 128 rows, which keeps float block sums accurate.
 inline int64_t block_rows(int64_t C, int64_t elem_size) {
   constexpr int64_t kBlockBytes = 64 * 1024;
-  return std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, C * elem_size));
+  const int64_t rows = kBlockBytes / std::max<int64_t>(1, C * elem_size);
+  return std::max<int64_t>(1, std::min<int64_t>(rows, 128));
 }
 
 inline int act_index(int64_t activation) {

@@ -47,8 +47,10 @@ struct Kernels {
 
   // Moments of all the elements of a span set, blocked two-pass.
   void (*span_moments)(const T* x, int64_t len, int64_t stride, int64_t count, A* mean, A* m2);
-  // Two-pass moments of each column of a rows x C block: mean[c], m2[c].
-  void (*column_moments)(const T* x, int64_t rows, int64_t C, A* mean, A* m2);
+  // Moments of each column of a rows x C block (mean[c], m2[c]): exact
+  // two-pass over cache blocks of block_rows rows, Chan-merged. scratch: 3*C.
+  void (*column_moments)(const T* x, int64_t rows, int64_t C, int64_t block_rows, A* mean,
+                         A* m2, A* scratch);
   // Chan-merge column moments of a block of count_b rows into accumulators
   // holding count_a rows.
   void (*merge_columns)(A* mean, A* m2, A count_a, const A* mean_b, const A* m2_b, A count_b,
@@ -63,14 +65,16 @@ struct Kernels {
 
   // With g = dy masked by the activation's gradient at the pre-activation
   // z = (x - mean) * scale + bias: sum_dy = sum(g) and sum_dy_xmu =
-  // sum(g * (x - mean)), over a span set, or per channel of a block (written
-  // at index c).
+  // sum(g * (x - mean)), over a span set.
   void (*span_grad_sums[kNumActs])(const T* dy, const T* x, int64_t len, int64_t stride,
                                    int64_t count, A mean, A scale, A bias, A* sum_dy,
                                    A* sum_dy_xmu);
+  // The same per channel of a rows x C block, over cache blocks of block_rows
+  // rows, added (+=) into double accumulators. scratch: 2*C.
   void (*row_grad_sums[kNumActs])(const T* dy, const T* x, int64_t rows, int64_t C,
-                                  const A* mean, const A* scale, const A* bias, A* sum_dy,
-                                  A* sum_dy_xmu);
+                                  int64_t block_rows, const A* mean, const A* scale,
+                                  const A* bias, double* sum_dy, double* sum_dy_xmu,
+                                  A* scratch);
 
   // dx = a * g + b * (x - m) + c, g as above with mean = m.
   void (*span_grad_input[kNumActs])(const T* dy, const T* x, T* dx, int64_t len,

@@ -109,33 +109,57 @@ void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, acc_t<
 }
 
 template <typename T>
-void column_moments(const T* __restrict x, int64_t rows, int64_t C, acc_t<T>* __restrict mean,
-                    acc_t<T>* __restrict m2) {
+void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc_t<T>* mean,
+                    acc_t<T>* m2, acc_t<T>* scratch) {
   using A = acc_t<T>;
-  // First pass on data shifted by the block's first row: the sums stay at the
-  // scale of the spread, not of the mean, so a float sum of thousands of rows
-  // still gives the mean to rounding.
-  const T* __restrict x0 = x;
-  NORMOPS_SIMD
-  for (int64_t c = 0; c < C; ++c) mean[c] = 0;
-  for (int64_t r = 1; r < rows; ++r) {
-    const T* __restrict xr = x + r * C;
+  A* __restrict s = scratch;
+  A* __restrict q = scratch + C;
+  A* __restrict e = scratch + 2 * C;
+  A* __restrict om = mean;
+  A* __restrict oq = m2;
+  A count = 0;
+  for (int64_t b0 = 0; b0 < rows; b0 += block_rows) {
+    const int64_t n = rows - b0 < block_rows ? rows - b0 : block_rows;
+    const T* __restrict xb = x + b0 * C;
+    // Pass 1, plain sums over a short block; the corrected second pass
+    // removes what rounding they leave in the block mean.
     NORMOPS_SIMD
-    for (int64_t c = 0; c < C; ++c) mean[c] += load(xr[c]) - load(x0[c]);
-  }
-  const A inv = A(1) / A(rows);
-  NORMOPS_SIMD
-  for (int64_t c = 0; c < C; ++c) {
-    mean[c] = load(x0[c]) + mean[c] * inv;
-    m2[c] = 0;
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* __restrict xr = x + r * C;
+    for (int64_t c = 0; c < C; ++c) s[c] = 0;
+    for (int64_t r = 0; r < n; ++r) {
+      NORMOPS_SIMD
+      for (int64_t c = 0; c < C; ++c) s[c] += load(xb[r * C + c]);
+    }
+    const A inv = A(1) / A(n);
     NORMOPS_SIMD
     for (int64_t c = 0; c < C; ++c) {
-      const A d = load(xr[c]) - mean[c];
-      m2[c] += d * d;
+      s[c] *= inv;
+      q[c] = 0;
+      e[c] = 0;
     }
+    for (int64_t r = 0; r < n; ++r) {
+      NORMOPS_SIMD
+      for (int64_t c = 0; c < C; ++c) {
+        const A d = load(xb[r * C + c]) - s[c];
+        q[c] += d * d;
+        e[c] += d;
+      }
+    }
+    if (count == 0) {
+      NORMOPS_SIMD
+      for (int64_t c = 0; c < C; ++c) {
+        om[c] = s[c] + e[c] * inv;
+        oq[c] = q[c] - e[c] * e[c] * inv;
+      }
+    } else {
+      const A wb = A(n) / (count + A(n)), w = count * wb;
+      NORMOPS_SIMD
+      for (int64_t c = 0; c < C; ++c) {
+        const A delta = s[c] + e[c] * inv - om[c];
+        om[c] += delta * wb;
+        oq[c] += q[c] - e[c] * e[c] * inv + delta * delta * w;
+      }
+    }
+    count += A(n);
   }
 }
 
@@ -206,22 +230,37 @@ void span_grad_sums(const T* dy, const T* x, int64_t len, int64_t stride, int64_
 }
 
 template <typename T, Act act>
-void row_grad_sums(const T* __restrict dy, const T* __restrict x, int64_t rows, int64_t C,
-                   const acc_t<T>* __restrict mean, const acc_t<T>* __restrict scale,
-                   const acc_t<T>* __restrict bias, acc_t<T>* __restrict sum_dy,
-                   acc_t<T>* __restrict sum_dy_xmu) {
+void row_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, int64_t block_rows,
+                   const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* bias,
+                   double* sum_dy, double* sum_dy_xmu, acc_t<T>* scratch) {
   using A = acc_t<T>;
-  NORMOPS_SIMD
-  for (int64_t c = 0; c < C; ++c) sum_dy[c] = sum_dy_xmu[c] = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* __restrict xr = x + r * C;
-    const T* __restrict gr = dy + r * C;
+  const A* __restrict m = mean;
+  const A* __restrict s = scale;
+  const A* __restrict h = bias;
+  A* __restrict bd = scratch;
+  A* __restrict bx = scratch + C;
+  double* __restrict od = sum_dy;
+  double* __restrict ox = sum_dy_xmu;
+  // Block sums in the accumulation type, added up in double.
+  for (int64_t b0 = 0; b0 < rows; b0 += block_rows) {
+    const int64_t n = rows - b0 < block_rows ? rows - b0 : block_rows;
+    NORMOPS_SIMD
+    for (int64_t c = 0; c < C; ++c) bd[c] = bx[c] = 0;
+    for (int64_t r = b0; r < b0 + n; ++r) {
+      const T* __restrict xr = x + r * C;
+      const T* __restrict gr = dy + r * C;
+      NORMOPS_SIMD
+      for (int64_t c = 0; c < C; ++c) {
+        const A xv = load(xr[c]);
+        const A g = activation_grad<act>((xv - m[c]) * s[c] + h[c], A(load(gr[c])));
+        bd[c] += g;
+        bx[c] += g * (xv - m[c]);
+      }
+    }
     NORMOPS_SIMD
     for (int64_t c = 0; c < C; ++c) {
-      const A xv = load(xr[c]);
-      const A g = activation_grad<act>((xv - mean[c]) * scale[c] + bias[c], A(load(gr[c])));
-      sum_dy[c] += g;
-      sum_dy_xmu[c] += g * (xv - mean[c]);
+      od[c] += bd[c];
+      ox[c] += bx[c];
     }
   }
 }
