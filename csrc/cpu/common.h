@@ -6,16 +6,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <optional>
-
+#include "../checks.h"
 #include "../moments.h"
 #include "kernels/kernels.h"
 
 namespace normops {
 namespace cpu {
 
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
 
 template <typename T>
 struct Tag {
@@ -34,10 +31,6 @@ void dispatch_floating(at::ScalarType dtype, const char* op, F&& f) {
       TORCH_CHECK(false, op, ": expected a floating point input (float32, float64, bfloat16 or ",
                   "float16), but got ", dtype);
   }
-}
-
-inline at::ScalarType acc_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 template <typename T>
@@ -87,46 +80,6 @@ inline ChannelView channel_view(const Tensor& input) {
 
 // The output of an elementwise step over `v`: same sizes and strides.
 inline Tensor like(const ChannelView& v) { return at::empty_like(v.x); }
-
-// Parameters and statistics the kernels read, as contiguous accumulation-type
-// vectors; an absent optional is `fill` repeated.
-inline Tensor acc_vector(const OptTensor& t, int64_t n, at::ScalarType acc, double fill) {
-  if (t.has_value() && t->defined()) return t->to(acc).contiguous();
-  return at::full({n}, fill, at::TensorOptions().dtype(acc));
-}
-
-inline bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
-
-// Checks that a per-channel (or per-element) parameter has `shape` and a
-// dtype the kernels accept with `input`: the input's, or float32 for
-// bfloat16/float16 input (the mixed precision AMP produces).
-inline void check_param(const Tensor& input, const OptTensor& p, at::IntArrayRef shape,
-                        const char* op, const char* name) {
-  if (!present(p)) return;
-  TORCH_CHECK(p->device() == input.device(), op, ": expected ", name,
-              " to be on the same device as input (", input.device(), "), but got ", p->device());
-  TORCH_CHECK(p->sizes() == shape, op, ": expected ", name, " of shape ", shape, ", but got ",
-              p->sizes());
-  const auto dt = input.scalar_type();
-  const bool ok = p->scalar_type() == dt ||
-                  ((dt == at::kBFloat16 || dt == at::kHalf) && p->scalar_type() == at::kFloat);
-  TORCH_CHECK(ok, op, ": expected ", name, " to have dtype ", dt,
-              (dt == at::kBFloat16 || dt == at::kHalf) ? " or float32" : "", " (the input's), but got ",
-              p->scalar_type());
-}
-
-inline void check_same_device(const Tensor& a, const Tensor& b, const char* op, const char* name) {
-  TORCH_CHECK(a.device() == b.device(), op, ": expected ", name,
-              " to be on the same device as input (", a.device(), "), but got ", b.device());
-}
-
-inline void check_input(const Tensor& input, int64_t min_dim, const char* op) {
-  TORCH_CHECK(input.dim() >= min_dim, op, ": expected an input with at least ", min_dim,
-              " dimensions, but got ", input.dim());
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()) &&
-                  input.scalar_type() != at::kFloat8_e4m3fn,
-              op, ": expected a floating point input, but got ", input.scalar_type());
-}
 
 // Number of parallel chunks for `total` units of work with at least
 // `min_per_chunk` units each, at most one per thread.

@@ -14,35 +14,9 @@ namespace {
 
 constexpr const char* kOp = "normops.layer_norm";
 
-// (rows, D) of an input normalised over its trailing `shape`.
-std::pair<int64_t, int64_t> check_ln(const Tensor& input, c10::SymIntArrayRef shape_sym,
+std::pair<int64_t, int64_t> check_ln(const Tensor& input, c10::SymIntArrayRef shape,
                                      const OptTensor& weight, const OptTensor& bias) {
-  check_input(input, 1, kOp);
-  auto shape = C10_AS_INTARRAYREF_SLOW(shape_sym);
-  const int64_t nd = static_cast<int64_t>(shape.size());
-  TORCH_CHECK(nd >= 1, kOp, ": normalized_shape must have at least one dimension");
-  const int64_t axis = input.dim() - nd;
-  bool match = axis >= 0;
-  for (int64_t i = 0; match && i < nd; ++i) match = input.size(axis + i) == shape[i];
-  TORCH_CHECK(match, "Given normalized_shape=", shape, ", expected input with shape [*",
-              [&] {
-                std::string s;
-                for (auto d : shape) s += ", " + std::to_string(d);
-                return s;
-              }(),
-              "], but got input of size", input.sizes());
-  check_param(input, weight, shape, kOp, "weight");
-  check_param(input, bias, shape, kOp, "bias");
-  int64_t D = 1;
-  for (auto d : shape) D *= d;
-  const int64_t rows = D == 0 ? 0 : input.numel() / D;
-  return {rows, D};
-}
-
-std::vector<int64_t> stat_shape(const Tensor& input, int64_t nd) {
-  std::vector<int64_t> s(input.sizes().begin(), input.sizes().end());
-  for (int64_t i = input.dim() - nd; i < input.dim(); ++i) s[i] = 1;
-  return s;
+  return check_layer_norm(input, C10_AS_INTARRAYREF_SLOW(shape), weight, bias, kOp);
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor& input, c10::SymIntArrayRef shape,
@@ -52,7 +26,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor& input, c10::SymIntAr
   const auto acc = acc_dtype(input.scalar_type());
   Tensor x = input.contiguous();
   Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const auto st = stat_shape(input, shape.size());
+  const auto st = layer_norm_stat_shape(input, shape.size());
   Tensor mean = at::empty(st, x.options().dtype(acc));
   Tensor rstd = at::empty(st, x.options().dtype(acc));
   if (rows == 0 || D == 0) return {out, mean, rstd};

@@ -1,0 +1,97 @@
+// Argument checks and small helpers shared by the CPU and CUDA op files, so
+// that both backends reject bad input with the same messages, before any
+// kernel runs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/full.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace normops {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+inline bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+inline at::ScalarType acc_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline bool is_reduced(at::ScalarType dt) { return dt == at::kBFloat16 || dt == at::kHalf; }
+
+// Parameters and statistics as contiguous vectors of `opts` (the dtype the
+// kernels read, on the input's device); an absent optional is `fill` repeated.
+inline Tensor acc_vector(const OptTensor& t, int64_t n, const at::TensorOptions& opts,
+                         double fill) {
+  if (present(t)) return t->to(c10::typeMetaToScalarType(opts.dtype())).contiguous();
+  return at::full({n}, fill, opts);
+}
+
+inline void check_input(const Tensor& input, int64_t min_dim, const char* op) {
+  TORCH_CHECK(input.dim() >= min_dim, op, ": expected an input with at least ", min_dim,
+              " dimensions, but got ", input.dim());
+  const auto dt = input.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || is_reduced(dt), op,
+              ": expected a floating point input (float32, float64, bfloat16 or float16), but got ",
+              dt);
+}
+
+inline void check_same_device(const Tensor& input, const Tensor& t, const char* op,
+                              const char* name) {
+  TORCH_CHECK(input.device() == t.device(), op, ": expected ", name,
+              " to be on the same device as input (", input.device(), "), but got ", t.device());
+}
+
+// A per-channel (or per-element) parameter: `shape`, on the input's device,
+// and a dtype the kernels accept with `input`: the input's, or float32 for
+// bfloat16/float16 input (the mixed precision AMP produces).
+inline void check_param(const Tensor& input, const OptTensor& p, at::IntArrayRef shape,
+                        const char* op, const char* name) {
+  if (!present(p)) return;
+  check_same_device(input, *p, op, name);
+  TORCH_CHECK(p->sizes() == shape, op, ": expected ", name, " of shape ", shape, ", but got ",
+              p->sizes());
+  const auto dt = input.scalar_type();
+  TORCH_CHECK(p->scalar_type() == dt || (is_reduced(dt) && p->scalar_type() == at::kFloat), op,
+              ": expected ", name, " to have dtype ", dt, is_reduced(dt) ? " or float32" : "",
+              " (the input's), but got ", p->scalar_type());
+}
+
+// Layer norm over the trailing `shape` of `input`: checks the arguments and
+// returns (rows, D).
+inline std::pair<int64_t, int64_t> check_layer_norm(const Tensor& input, at::IntArrayRef shape,
+                                                    const OptTensor& weight,
+                                                    const OptTensor& bias, const char* op) {
+  check_input(input, 1, op);
+  const int64_t nd = static_cast<int64_t>(shape.size());
+  TORCH_CHECK(nd >= 1, op, ": normalized_shape must have at least one dimension");
+  const int64_t axis = input.dim() - nd;
+  bool match = axis >= 0;
+  for (int64_t i = 0; match && i < nd; ++i) match = input.size(axis + i) == shape[i];
+  if (!match) {
+    std::string expected;
+    for (auto d : shape) expected += ", " + std::to_string(d);
+    TORCH_CHECK(false, "Given normalized_shape=", shape, ", expected input with shape [*",
+                expected, "], but got input of size", input.sizes());
+  }
+  check_param(input, weight, shape, op, "weight");
+  check_param(input, bias, shape, op, "bias");
+  int64_t D = 1;
+  for (auto d : shape) D *= d;
+  return {D == 0 ? 0 : input.numel() / D, D};
+}
+
+// Shape of layer norm's mean and rstd: the leading dims, then ones.
+inline std::vector<int64_t> layer_norm_stat_shape(const Tensor& input, int64_t nd) {
+  std::vector<int64_t> s(input.sizes().begin(), input.sizes().end());
+  for (int64_t i = input.dim() - nd; i < input.dim(); ++i) s[i] = 1;
+  return s;
+}
+
+}  // namespace normops

@@ -1,0 +1,95 @@
+// Helpers shared by the CUDA op files: dtype dispatch, launch configuration
+// and block-wide reductions of (count, mean, M2) triples and of sums.
+#pragma once
+
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "../checks.h"
+#include "../moments.h"
+
+namespace normops {
+namespace cuda {
+
+constexpr int kWarp = 32;
+constexpr int kBlock = 256;  // threads per block of the row and column kernels
+
+// Input types of the CUDA kernels (parameters may be float32 beside half).
+#define NORMOPS_CUDA_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+template <typename T>
+using acc_t = at::acc_type<T, /*is_cuda=*/true>;
+
+// Grid size for `work` independent units, capped to what a grid-stride loop
+// needs (the grid's x dimension allows 2^31 - 1 blocks).
+inline int64_t grid_for(int64_t work) {
+  return std::max<int64_t>(1, std::min<int64_t>(work, 65535LL * 32));
+}
+
+template <typename A>
+__device__ __forceinline__ void warp_merge(A& n, A& mean, A& m2) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const A nb = __shfl_xor_sync(0xffffffff, n, offset);
+    const A mb = __shfl_xor_sync(0xffffffff, mean, offset);
+    const A qb = __shfl_xor_sync(0xffffffff, m2, offset);
+    chan_merge(n, mean, m2, nb, mb, qb);
+  }
+}
+
+// Chan merge of every thread's (n, mean, m2) across the block; every thread
+// gets the result. blockDim.x must be a multiple of 32, at most 1024.
+template <typename A>
+__device__ void block_merge(A& n, A& mean, A& m2) {
+  __shared__ A sn[kWarp], sm[kWarp], sq[kWarp];
+  warp_merge(n, mean, m2);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int warps = blockDim.x / kWarp;
+  __syncthreads();  // the shared buffers may still be read by a previous call
+  if (lane == 0) {
+    sn[warp] = n;
+    sm[warp] = mean;
+    sq[warp] = m2;
+  }
+  __syncthreads();
+  n = lane < warps ? sn[lane] : A(0);
+  mean = lane < warps ? sm[lane] : A(0);
+  m2 = lane < warps ? sq[lane] : A(0);
+  warp_merge(n, mean, m2);
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
+  return v;
+}
+
+// Sum of two values across the block; every thread gets the results.
+template <typename A>
+__device__ void block_sum2(A& a, A& b) {
+  __shared__ A sa[kWarp], sb[kWarp];
+  a = warp_sum(a);
+  b = warp_sum(b);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int warps = blockDim.x / kWarp;
+  __syncthreads();
+  if (lane == 0) {
+    sa[warp] = a;
+    sb[warp] = b;
+  }
+  __syncthreads();
+  a = warp_sum(lane < warps ? sa[lane] : A(0));
+  b = warp_sum(lane < warps ? sb[lane] : A(0));
+}
+
+template <typename A>
+__device__ __forceinline__ A device_rsqrt(A v) {
+  return A(1) / sqrt(v);
+}
+
+}  // namespace cuda
+}  // namespace normops

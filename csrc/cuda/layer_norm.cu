@@ -1,0 +1,191 @@
+// Layer norm on CUDA: one block per row (grid-stride over rows, 64-bit
+// indexing); Welford per thread merged across the block with Chan's formula.
+// The backward computes dx per row, and dgamma/dbeta as per-block column
+// partials reduced afterwards (no atomics).
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common.cuh"
+
+namespace normops {
+namespace cuda {
+namespace {
+
+constexpr const char* kOp = "normops.layer_norm";
+
+template <typename T, typename A>
+__global__ void layer_norm_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                          int64_t rows, int64_t D, const A* __restrict__ gamma,
+                                          const A* __restrict__ beta, A eps, A* __restrict__ mean,
+                                          A* __restrict__ rstd) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* xr = x + r * D;
+    A n = 0, mu = 0, m2 = 0;
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+      const A v = static_cast<A>(xr[j]);
+      n += A(1);
+      const A d = v - mu;
+      mu += d / n;
+      m2 += d * (v - mu);
+    }
+    block_merge(n, mu, m2);
+    const A rs = device_rsqrt(m2 / A(D) + eps);
+    if (threadIdx.x == 0) {
+      mean[r] = mu;
+      rstd[r] = rs;
+    }
+    T* yr = y + r * D;
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x)
+      yr[j] = static_cast<T>((static_cast<A>(xr[j]) - mu) * rs * gamma[j] + beta[j]);
+  }
+}
+
+// dx = rstd * (dy*gamma - mean(dy*gamma) - xhat * mean(dy*gamma*xhat)).
+template <typename T, typename A>
+__global__ void layer_norm_grad_input_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                             T* __restrict__ dx, int64_t rows, int64_t D,
+                                             const A* __restrict__ mean,
+                                             const A* __restrict__ rstd,
+                                             const A* __restrict__ gamma) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* xr = x + r * D;
+    const T* gr = dy + r * D;
+    const A mu = mean[r], rs = rstd[r];
+    A s1 = 0, s2 = 0;
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+      const A g = static_cast<A>(gr[j]) * gamma[j];
+      s1 += g;
+      s2 += g * (static_cast<A>(xr[j]) - mu);
+    }
+    block_sum2(s1, s2);
+    const A k1 = s1 / A(D), k2 = s2 / A(D) * rs * rs;
+    T* dr = dx + r * D;
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+      const A g = static_cast<A>(gr[j]) * gamma[j];
+      dr[j] = static_cast<T>(rs * (g - k1 - (static_cast<A>(xr[j]) - mu) * k2));
+    }
+  }
+}
+
+// Column partials of dgamma = sum(dy * xhat) and dbeta = sum(dy): block
+// (32, 8) covers 32 columns; blockIdx.y splits the rows. partial: [2, splits, D].
+template <typename T, typename A>
+__global__ void layer_norm_param_partials_kernel(const T* __restrict__ dy,
+                                                 const T* __restrict__ x, int64_t rows,
+                                                 int64_t D, const A* __restrict__ mean,
+                                                 const A* __restrict__ rstd,
+                                                 A* __restrict__ partial) {
+  __shared__ A sg[8][kWarp + 1], sb[8][kWarp + 1];
+  const int64_t j = int64_t(blockIdx.x) * kWarp + threadIdx.x;
+  const int64_t splits = gridDim.y;
+  const int64_t r0 = rows * blockIdx.y / splits, r1 = rows * (blockIdx.y + 1) / splits;
+  A g = 0, b = 0;
+  if (j < D) {
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
+      const A d = static_cast<A>(dy[r * D + j]);
+      g += d * (static_cast<A>(x[r * D + j]) - mean[r]) * rstd[r];
+      b += d;
+    }
+  }
+  sg[threadIdx.y][threadIdx.x] = g;
+  sb[threadIdx.y][threadIdx.x] = b;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < D) {
+    for (int k = 1; k < blockDim.y; ++k) {
+      g += sg[k][threadIdx.x];
+      b += sb[k][threadIdx.x];
+    }
+    partial[blockIdx.y * D + j] = g;
+    partial[(splits + blockIdx.y) * D + j] = b;
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor& input, c10::SymIntArrayRef shape_sym,
+                                              const OptTensor& weight, const OptTensor& bias,
+                                              double eps) {
+  const auto shape = C10_AS_INTARRAYREF_SLOW(shape_sym);
+  auto [rows, D] = check_layer_norm(input, shape, weight, bias, kOp);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto acc = acc_dtype(input.scalar_type());
+  Tensor x = input.contiguous();
+  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const auto st = layer_norm_stat_shape(input, shape.size());
+  Tensor mean = at::empty(st, x.options().dtype(acc)), rstd = at::empty(st, x.options().dtype(acc));
+  if (rows == 0 || D == 0) return {out, mean, rstd};
+  Tensor w = acc_vector(weight, D, x.options().dtype(acc), 1.0);
+  Tensor b = acc_vector(bias, D, x.options().dtype(acc), 0.0);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  NORMOPS_CUDA_DISPATCH(x.scalar_type(), "normops_layer_norm_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    layer_norm_forward_kernel<scalar_t, A><<<static_cast<unsigned>(grid_for(rows)), kBlock, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, D,
+        w.const_data_ptr<A>(), b.const_data_ptr<A>(), A(eps), mean.mutable_data_ptr<A>(),
+        rstd.mutable_data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
+    const Tensor& grad_out, const Tensor& input, c10::SymIntArrayRef shape_sym, const Tensor& mean,
+    const Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
+    std::array<bool, 3> output_mask) {
+  const auto shape = C10_AS_INTARRAYREF_SLOW(shape_sym);
+  auto [rows, D] = check_layer_norm(input, shape, weight, bias, kOp);
+  check_same_device(input, grad_out, kOp, "grad_output");
+  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
+              kOp, ": expected grad_output of the input's shape and dtype");
+  TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows, kOp,
+              ": expected mean and rstd with one value per row (", rows, ")");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto acc = acc_dtype(input.scalar_type());
+  Tensor x = input.contiguous(), dy = grad_out.contiguous();
+  Tensor m = mean.to(acc).contiguous(), r = rstd.to(acc).contiguous();
+  Tensor grad_input = output_mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous)
+                                     : at::empty({0}, input.options());
+  const bool need_params = output_mask[1] || output_mask[2];
+  const int64_t splits = need_params ? std::max<int64_t>(1, std::min<int64_t>(rows / 64, 512)) : 0;
+  Tensor partial = at::zeros({2, splits, need_params ? D : 0}, x.options().dtype(acc));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (rows > 0 && D > 0) {
+    Tensor w = acc_vector(weight, D, x.options().dtype(acc), 1.0);
+    NORMOPS_CUDA_DISPATCH(x.scalar_type(), "normops_layer_norm_backward_cuda", [&] {
+      using A = acc_t<scalar_t>;
+      if (output_mask[0]) {
+        layer_norm_grad_input_kernel<scalar_t, A><<<static_cast<unsigned>(grid_for(rows)), kBlock, 0, stream>>>(
+            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+            grad_input.mutable_data_ptr<scalar_t>(), rows, D, m.const_data_ptr<A>(),
+            r.const_data_ptr<A>(), w.const_data_ptr<A>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (need_params) {
+        const dim3 grid(static_cast<unsigned>((D + kWarp - 1) / kWarp), static_cast<unsigned>(splits));
+        layer_norm_param_partials_kernel<scalar_t, A><<<grid, dim3(kWarp, 8), 0, stream>>>(
+            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), rows, D,
+            m.const_data_ptr<A>(), r.const_data_ptr<A>(), partial.mutable_data_ptr<A>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  }
+  // A parameter gradient has the parameter's dtype (the input's when absent).
+  const auto param_grad = [&](bool wanted, const OptTensor& p, int64_t which) {
+    const auto dt = present(p) ? p->scalar_type() : input.scalar_type();
+    if (!wanted) return at::empty({0}, input.options().dtype(dt));
+    return partial[which].sum(0).view(shape).to(dt);
+  };
+  return {grad_input, param_grad(output_mask[1], weight, 0), param_grad(output_mask[2], bias, 1)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(normops, CUDA, m) {
+  m.impl("layer_norm", &layer_norm);
+  m.impl("layer_norm_backward", &layer_norm_backward);
+}
+
+}  // namespace cuda
+}  // namespace normops
