@@ -33,6 +33,13 @@ inline Tensor acc_vector(const OptTensor& t, int64_t n, const at::TensorOptions&
   return at::full({n}, fill, opts);
 }
 
+// The fused activation's code (normops::Act): 0 none, 1 ReLU, 2 ReLU6.
+inline int act_index(int64_t activation) {
+  TORCH_CHECK(activation >= 0 && activation <= 2,
+              "normops: activation must be 0 (none), 1 (relu) or 2 (relu6), but got ", activation);
+  return static_cast<int>(activation);
+}
+
 inline void check_input(const Tensor& input, int64_t min_dim, const char* op) {
   TORCH_CHECK(input.dim() >= min_dim, op, ": expected an input with at least ", min_dim,
               " dimensions, but got ", input.dim());

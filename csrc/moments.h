@@ -50,6 +50,15 @@ NORMOPS_HD void chan_merge(Moments<A>& a, const Moments<A>& b) {
   chan_merge(a.count, a.mean, a.m2, b.count, b.mean, b.m2);
 }
 
+// Welford's update of (count, mean, M2) with one value.
+template <typename A>
+NORMOPS_HD void welford_add(A& count, A& mean, A& m2, A v) {
+  count += A(1);
+  const A d = v - mean;
+  mean += d / count;
+  m2 += d * (v - mean);
+}
+
 // Biased variance, as torch.nn normalises with; a zero count gives 0.
 template <typename A>
 NORMOPS_HD A biased_var(const Moments<A>& m) {

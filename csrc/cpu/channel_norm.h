@@ -12,16 +12,6 @@
 namespace normops {
 namespace cpu {
 
-// Layout-matching copy of a gradient: kernels read dy with x's strides.
-inline Tensor match_layout(const Tensor& dy, const ChannelView& v) {
-  TORCH_CHECK(dy.sizes() == v.x.sizes(), "normops: expected grad_output of shape ", v.x.sizes(),
-              ", but got ", dy.sizes());
-  if (dy.strides() == v.x.strides()) return dy;
-  Tensor t = at::empty_like(v.x, dy.options());
-  t.copy_(dy);
-  return t;
-}
-
 // Splits `rows_per_sample` rows of each of `samples` samples into tasks of at
 // least one cache block and runs f(task, sample, row_begin, row_end) in
 // parallel (row indices absolute); returns the number of splits per sample.
@@ -250,6 +240,42 @@ void channel_grad_input(const ChannelView& v, const Tensor& dy, const Tensor& dx
     }
   });
 }
+
+// The drivers above for any input dtype: what the shared op logic
+// (csrc/batch_norm_impl.h, csrc/group_norm_impl.h) calls.
+struct ChannelDrivers {
+  static std::pair<Tensor, Tensor> moments(const ChannelView& v, bool per_sample) {
+    std::pair<Tensor, Tensor> r;
+    dispatch_floating(v.x.scalar_type(), "normops", [&](auto tag) {
+      r = channel_moments<typename decltype(tag)::type>(v, per_sample);
+    });
+    return r;
+  }
+  static void affine(const ChannelView& v, const Tensor& out, const Tensor& mean,
+                     const Tensor& scale, const Tensor& bias, bool per_sample, int act) {
+    dispatch_floating(v.x.scalar_type(), "normops", [&](auto tag) {
+      channel_affine<typename decltype(tag)::type>(v, out, mean, scale, bias, per_sample, act);
+    });
+  }
+  static std::pair<Tensor, Tensor> grad_sums(const ChannelView& v, const Tensor& dy,
+                                             const Tensor& mean, const Tensor& scale,
+                                             const Tensor& bias, bool per_sample, int act) {
+    std::pair<Tensor, Tensor> r;
+    dispatch_floating(v.x.scalar_type(), "normops", [&](auto tag) {
+      r = channel_grad_sums<typename decltype(tag)::type>(v, dy, mean, scale, bias, per_sample,
+                                                          act);
+    });
+    return r;
+  }
+  static void grad_input(const ChannelView& v, const Tensor& dy, const Tensor& dx,
+                         const Tensor& a, const Tensor& b, const Tensor& m, const Tensor& c,
+                         const Tensor& scale, const Tensor& bias, bool per_sample, int act) {
+    dispatch_floating(v.x.scalar_type(), "normops", [&](auto tag) {
+      channel_grad_input<typename decltype(tag)::type>(v, dy, dx, a, b, m, c, scale, bias,
+                                                       per_sample, act);
+    });
+  }
+};
 
 }  // namespace cpu
 }  // namespace normops

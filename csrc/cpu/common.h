@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "../channel_view.h"
 #include "../checks.h"
 #include "../moments.h"
 #include "kernels/kernels.h"
@@ -38,49 +39,6 @@ T* ptr(const Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
-// An (N, C, *) input seen either as N*C contiguous planes of HW elements, or
-// as N*HW rows of C contiguous channels (channels_last, or one spatial
-// element). Any other strides are copied to contiguous first.
-struct ChannelView {
-  Tensor x;
-  bool rows;
-  int64_t N, C, HW;
-};
-
-inline bool is_channels_last_dense(const Tensor& t) {
-  if (t.dim() < 3) return false;
-  const int64_t C = t.size(1);
-  if (C != 1 && t.stride(1) != 1) return false;
-  int64_t expected = C;
-  for (int64_t d = t.dim() - 1; d >= 2; --d) {
-    if (t.size(d) != 1 && t.stride(d) != expected) return false;
-    expected *= t.size(d);
-  }
-  return t.size(0) == 1 || t.stride(0) == expected;
-}
-
-inline ChannelView channel_view(const Tensor& input) {
-  ChannelView v;
-  v.N = input.size(0);
-  v.C = input.size(1);
-  v.HW = 1;
-  for (int64_t d = 2; d < input.dim(); ++d) v.HW *= input.size(d);
-  if (input.is_contiguous()) {
-    v.x = input;
-    v.rows = v.HW == 1;
-  } else if (is_channels_last_dense(input)) {
-    v.x = input;
-    v.rows = true;
-  } else {
-    v.x = input.contiguous();
-    v.rows = v.HW == 1;
-  }
-  return v;
-}
-
-// The output of an elementwise step over `v`: same sizes and strides.
-inline Tensor like(const ChannelView& v) { return at::empty_like(v.x); }
-
 // Number of parallel chunks for `total` units of work with at least
 // `min_per_chunk` units each, at most one per thread.
 inline int64_t num_chunks(int64_t total, int64_t min_per_chunk) {
@@ -107,11 +65,6 @@ inline int64_t block_rows(int64_t C, int64_t elem_size) {
   return std::max<int64_t>(1, std::min<int64_t>(rows, 128));
 }
 
-inline int act_index(int64_t activation) {
-  TORCH_CHECK(activation >= 0 && activation < kNumActs,
-              "normops: activation must be 0 (none), 1 (relu) or 2 (relu6), but got ", activation);
-  return static_cast<int>(activation);
-}
 
 }  // namespace cpu
 }  // namespace normops

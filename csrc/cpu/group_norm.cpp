@@ -1,42 +1,15 @@
-// Group norm on the CPU, and instance norm as group norm with one channel per
-// group: statistics per (n, group) over C/G channels and every spatial
-// element, in the input's own layout (NCHW planes or channels_last rows, no
-// copy), with a per-channel affine. Saves mean and rstd of shape [N, G].
+// Group norm's CPU backend: the shared drivers, plus the NCHW path fused
+// per (n, group). The op logic is csrc/group_norm_impl.h.
 #include <torch/library.h>
 
-#include <tuple>
-
+#include "../group_norm_impl.h"
 #include "channel_norm.h"
 
 namespace normops {
 namespace cpu {
 namespace {
 
-constexpr const char* kOp = "normops.group_norm";
-
-void check_gn(const Tensor& input, int64_t groups, const OptTensor& weight, const OptTensor& bias) {
-  TORCH_CHECK(input.dim() >= 2, "Expected at least 2 dimensions for input tensor but received ",
-              input.dim());
-  check_input(input, 2, kOp);
-  const int64_t C = input.size(1);
-  TORCH_CHECK(groups > 0, kOp, ": num_groups must be positive, but got ", groups);
-  TORCH_CHECK(C % groups == 0, "Expected number of channels in input to be divisible by ",
-              "num_groups, but got input of shape ", input.sizes(), " and num_groups=", groups);
-  check_param(input, weight, {C}, kOp, "weight");
-  check_param(input, bias, {C}, kOp, "bias");
-}
-
-// Per-(n, c) copies of per-(n, g) values, as the plane and row drivers index.
-Tensor per_channel(const Tensor& per_group, int64_t N, int64_t C, int64_t G) {
-  return per_group.view({N, G, 1}).expand({N, G, C / G}).reshape({N * C}).contiguous();
-}
-
-// NCHW with enough groups for every thread: each (n, group) is one contiguous
-// span of C/G planes, normalised (or differentiated) right after its
-// reduction while it is still in cache: one read of x (and dy) from memory.
-bool by_group(const ChannelView& v, int64_t G) {
-  return !v.rows && v.N * v.HW > 0 && v.N * G >= at::get_num_threads();
-}
+using group_norm::kOp;
 
 // Forward by group; mean and rstd [N*G] in double.
 template <typename T>
@@ -61,53 +34,6 @@ void forward_by_group(const ChannelView& v, int64_t G, const Tensor& out, const 
       ptr<double>(rstd)[ng] = r;
     }
   });
-}
-
-// Forward through the shared drivers: per-(n, c) moments merged into groups.
-template <typename T>
-void forward_by_pass(const ChannelView& v, int64_t G, const Tensor& out, const Tensor& w,
-                     const Tensor& b, double eps, const Tensor& mean, const Tensor& rstd) {
-  using A = acc_t<T>;
-  const int64_t N = v.N, C = v.C, D = C / G;
-  const auto acc = acc_dtype(v.x.scalar_type());
-  auto [mean_c, m2_c] = channel_moments<T>(v, /*per_sample=*/true);
-  const A *pm = ptr<A>(mean_c), *pq = ptr<A>(m2_c);
-  double *om = ptr<double>(mean), *orr = ptr<double>(rstd);
-  for (int64_t ng = 0; ng < N * G; ++ng) {
-    double count = 0, mu = 0, q = 0;
-    for (int64_t d = 0; d < D; ++d)
-      chan_merge(count, mu, q, double(v.HW), double(pm[ng * D + d]), double(pq[ng * D + d]));
-    om[ng] = mu;
-    orr[ng] = 1.0 / std::sqrt((count > 0 ? q / count : 0.0) + eps);
-  }
-  Tensor scale = per_channel(rstd, N, C, G).view({N, C}) * w.view({1, C});
-  Tensor bias = b.to(acc).view({1, C}).expand({N, C}).reshape({N * C});
-  channel_affine<T>(v, out, per_channel(mean, N, C, G).to(acc), scale.to(acc).reshape({N * C}),
-                    bias.contiguous(), /*per_sample=*/true, 0);
-}
-
-std::tuple<Tensor, Tensor, Tensor> group_norm(const Tensor& input, int64_t groups,
-                                              const OptTensor& weight, const OptTensor& bias,
-                                              double eps) {
-  check_gn(input, groups, weight, bias);
-  ChannelView v = channel_view(input);
-  const int64_t N = v.N, C = v.C, G = groups;
-  const auto acc = acc_dtype(input.scalar_type());
-  Tensor out = like(v);
-  const auto dopts = input.options().dtype(at::kDouble);
-  Tensor mean = at::zeros({N, G}, dopts), rstd = at::zeros({N, G}, dopts);
-  Tensor w = acc_vector(weight, C, at::kDouble, 1.0), b = acc_vector(bias, C, at::kDouble, 0.0);
-  if (v.x.numel() > 0) {
-    dispatch_floating(input.scalar_type(), kOp, [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      if (by_group(v, G)) {
-        forward_by_group<T>(v, G, out, w, b, eps, mean, rstd);
-      } else {
-        forward_by_pass<T>(v, G, out, w, b, eps, mean, rstd);
-      }
-    });
-  }
-  return {out, mean.to(acc), rstd.to(acc)};
 }
 
 // Backward by group: fills dx and the per-(n, c) sums of dy and dy*(x-mean).
@@ -150,78 +76,34 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
   });
 }
 
-// dx = rstd*w*dy - rstd^3 * E[dy*w*(x-mean)] * (x-mean) - rstd * E[dy*w], the
-// expectations over each (n, group); through the shared drivers.
-template <typename T>
-void backward_by_pass(const ChannelView& v, int64_t G, const Tensor& dy, const Tensor& dx,
-                      const Tensor& mean, const Tensor& rstd, const Tensor& w, bool need_dx,
-                      Tensor& sum_dy, Tensor& sum_dy_xmu) {
-  const int64_t N = v.N, C = v.C, D = C / G;
-  const auto acc = acc_dtype(v.x.scalar_type());
-  Tensor mean_c = per_channel(mean, N, C, G).to(acc);
-  Tensor zeros = at::zeros({N * C}, v.x.options().dtype(acc));
-  std::tie(sum_dy, sum_dy_xmu) =
-      channel_grad_sums<T>(v, dy, mean_c, zeros, zeros, /*per_sample=*/true, 0);
-  if (!need_dx) return;
-  Tensor wv = w.view({1, C});
-  const double count = double(D * v.HW);
-  Tensor e1 = (sum_dy.view({N, C}) * wv).view({N, G, D}).sum(2) / count;
-  Tensor e2 = (sum_dy_xmu.view({N, C}) * wv).view({N, G, D}).sum(2) / count;
-  Tensor a = per_channel(rstd, N, C, G).view({N, C}) * wv;
-  Tensor b = per_channel(-rstd.pow(3) * e2, N, C, G);
-  Tensor c = per_channel(-rstd * e1, N, C, G);
-  channel_grad_input<T>(v, dy, dx, a.reshape({N * C}).to(acc), b.to(acc), mean_c, c.to(acc), zeros,
-                        zeros, /*per_sample=*/true, 0);
-}
+// NCHW with enough groups for every thread: each (n, group) is one contiguous
+// span of C/G planes, normalised (or differentiated) right after its
+// reduction while it is still in cache: one read of x (and dy) from memory.
+struct CpuGroupNorm : ChannelDrivers {
+  static constexpr bool kFused = true;
 
-std::tuple<Tensor, Tensor, Tensor> group_norm_backward(const Tensor& grad_out,
-                                                       const Tensor& input, int64_t groups,
-                                                       const Tensor& mean, const Tensor& rstd,
-                                                       const OptTensor& weight,
-                                                       std::array<bool, 3> output_mask) {
-  check_gn(input, groups, weight, std::nullopt);
-  check_same_device(input, grad_out, kOp, "grad_output");
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), kOp,
-              ": expected grad_output to have the input's dtype ", input.scalar_type(),
-              ", but got ", grad_out.scalar_type());
-  const int64_t N = input.size(0), C = input.size(1), G = groups;
-  TORCH_CHECK(mean.numel() == N * G && rstd.numel() == N * G, kOp,
-              ": expected mean and rstd of shape [", N, ", ", G, "]");
-  ChannelView v = channel_view(input);
-  Tensor dy = match_layout(grad_out, v);
-  const auto dopts = input.options().dtype(at::kDouble);
-  Tensor mean_d = mean.to(at::kDouble).reshape({N, G}).contiguous();
-  Tensor rstd_d = rstd.to(at::kDouble).reshape({N, G}).contiguous();
-  Tensor w = acc_vector(weight, C, at::kDouble, 1.0);
-  Tensor grad_input = output_mask[0] ? like(v) : at::empty({0}, input.options());
-  Tensor sum_dy = at::zeros({N * C}, dopts), sum_dy_xmu = at::zeros({N * C}, dopts);
-  if (v.x.numel() > 0) {
-    dispatch_floating(input.scalar_type(), kOp, [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      if (output_mask[0] && by_group(v, G)) {
-        backward_by_group<T>(v, G, dy, grad_input, mean_d, rstd_d, w, sum_dy, sum_dy_xmu);
-      } else {
-        backward_by_pass<T>(v, G, dy, grad_input, mean_d, rstd_d, w, output_mask[0], sum_dy,
-                            sum_dy_xmu);
-      }
+  static bool use_fused(const ChannelView& v, int64_t G) {
+    return !v.rows && v.N * v.HW > 0 && v.N * G >= at::get_num_threads();
+  }
+  static void forward_fused(const ChannelView& v, int64_t G, const Tensor& out, const Tensor& w,
+                            const Tensor& b, double eps, const Tensor& mean, const Tensor& rstd) {
+    dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
+      forward_by_group<typename decltype(tag)::type>(v, G, out, w, b, eps, mean, rstd);
     });
   }
-  // Parameter gradients have the weight's dtype (the input's without one).
-  const auto param_dtype = present(weight) ? weight->scalar_type() : input.scalar_type();
-  Tensor rstd_c = per_channel(rstd_d, N, C, G).view({N, C});
-  Tensor grad_weight = output_mask[1] ? (sum_dy_xmu.view({N, C}) * rstd_c).sum(0).to(param_dtype)
-                                      : at::empty({0}, input.options().dtype(param_dtype));
-  Tensor grad_bias = output_mask[2] ? sum_dy.view({N, C}).sum(0).to(param_dtype)
-                                    : at::empty({0}, input.options().dtype(param_dtype));
-  return {grad_input, grad_weight, grad_bias};
-}
+  static void backward_fused(const ChannelView& v, int64_t G, const Tensor& dy, const Tensor& dx,
+                             const Tensor& mean, const Tensor& rstd, const Tensor& w,
+                             const Tensor& sum_dy, const Tensor& sum_dy_xmu) {
+    dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
+      backward_by_group<typename decltype(tag)::type>(v, G, dy, dx, mean, rstd, w, sum_dy,
+                                                      sum_dy_xmu);
+    });
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(normops, CPU, m) {
-  m.impl("group_norm", &group_norm);
-  m.impl("group_norm_backward", &group_norm_backward);
-}
+TORCH_LIBRARY_IMPL(normops, CPU, m) { group_norm::register_kernels<CpuGroupNorm>(m); }
 
 }  // namespace cpu
 }  // namespace normops

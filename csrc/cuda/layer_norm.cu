@@ -26,11 +26,7 @@ __global__ void layer_norm_forward_kernel(const T* __restrict__ x, T* __restrict
     const T* xr = x + r * D;
     A n = 0, mu = 0, m2 = 0;
     for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-      const A v = static_cast<A>(xr[j]);
-      n += A(1);
-      const A d = v - mu;
-      mu += d / n;
-      m2 += d * (v - mu);
+      welford_add(n, mu, m2, static_cast<A>(xr[j]));
     }
     block_merge(n, mu, m2);
     const A rs = device_rsqrt(m2 / A(D) + eps);

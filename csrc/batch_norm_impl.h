@@ -1,0 +1,238 @@
+// Batch norm, for any device: per-channel statistics over N and every
+// spatial element, split into the steps SyncBatchNorm composes (stats, elemt,
+// backward_reduce, backward_elemt) plus single-call forward and backward.
+// Statistics are (mean, biased var) in the accumulation dtype; the backward
+// recomputes the activation's mask from x, so only x is kept for it.
+//
+// BatchNormOps<B> is instantiated per backend (csrc/cpu/batch_norm.cpp,
+// csrc/cuda/batch_norm.cu). B provides the channel drivers (moments, affine,
+// grad_sums, grad_input; see csrc/cpu/channel_norm.h) and, when kFused, a
+// fused forward and backward used where use_fused(view) says.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "channel_view.h"
+#include "checks.h"
+
+namespace normops {
+namespace batch_norm {
+
+constexpr const char* kOp = "normops.batch_norm";
+
+inline void check_bn_input(const Tensor& input) {
+  check_input(input, 2, kOp);
+}
+
+inline void check_stat(const Tensor& input, const Tensor& t, const char* name) {
+  check_same_device(input, t, kOp, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1), kOp, ": expected ", name,
+              " of shape [", input.size(1), "], but got ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), kOp, ": expected ", name,
+              " to be floating point, but got ", t.scalar_type());
+}
+
+inline void check_affine(const Tensor& input, const OptTensor& weight, const OptTensor& bias) {
+  const int64_t C = input.size(1);
+  check_param(input, weight, {C}, kOp, "weight");
+  check_param(input, bias, {C}, kOp, "bias");
+}
+
+// Per-channel constants of the normalisation with statistics (mean, var):
+// y = (x - mean) * scale + bias with scale = invstd * weight. Double
+// precision, and the accumulation dtype (acc_*) for the kernels.
+struct Folded {
+  Tensor mean, invstd, weight, acc_mean, acc_scale, acc_bias;
+};
+
+inline Folded fold(const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                   const OptTensor& bias, double eps, at::ScalarType acc) {
+  const int64_t C = mean.size(0);
+  Folded f;
+  f.mean = mean.to(at::kDouble).contiguous();
+  Tensor v = var.to(at::kDouble).contiguous();
+  Tensor w = acc_vector(weight, C, f.mean.options(), 1.0);
+  f.invstd = (v + eps).rsqrt();
+  f.weight = w;
+  f.acc_mean = f.mean.to(acc);
+  f.acc_scale = (f.invstd * w).to(acc);
+  f.acc_bias = acc_vector(bias, C, f.mean.options().dtype(acc), 0.0);
+  return f;
+}
+
+template <class B>
+struct BatchNormOps {
+  static std::tuple<Tensor, Tensor> stats_impl(const ChannelView& v) {
+    auto [mean, m2] = B::moments(v, /*per_sample=*/false);
+    const int64_t count = v.N * v.HW;
+    return {mean, count > 0 ? m2 / double(count) : m2};
+  }
+
+  static Tensor elemt_impl(const ChannelView& v, const OptTensor& weight, const OptTensor& bias,
+                    const Tensor& mean, const Tensor& var, double eps, int act) {
+    Tensor out = like(v);
+    const auto acc = acc_dtype(v.x.scalar_type());
+    Folded f = fold(mean, var, weight, bias, eps, acc);
+    B::affine(v, out, f.acc_mean, f.acc_scale, f.acc_bias, /*per_sample=*/false, act);
+    return out;
+  }
+
+  static std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
+    check_bn_input(input);
+    return stats_impl(channel_view(input));
+  }
+
+  static Tensor batch_norm_elemt(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                          const Tensor& mean, const Tensor& var, double eps, int64_t activation) {
+    check_bn_input(input);
+    check_affine(input, weight, bias);
+    check_stat(input, mean, "mean");
+    check_stat(input, var, "var");
+    const int act = act_index(activation);
+    return elemt_impl(channel_view(input), weight, bias, mean, var, eps, act);
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> batch_norm(const Tensor& input, const OptTensor& weight,
+                                                const OptTensor& bias,
+                                                const OptTensor& running_mean,
+                                                const OptTensor& running_var, bool training,
+                                                double eps, int64_t activation) {
+    check_bn_input(input);
+    check_affine(input, weight, bias);
+    const int act = act_index(activation);
+    if (present(running_mean)) check_stat(input, *running_mean, "running_mean");
+    if (present(running_var)) check_stat(input, *running_var, "running_var");
+    TORCH_CHECK(training || (present(running_mean) && present(running_var)), kOp,
+                ": running_mean and running_var must be given when training is False");
+    ChannelView v = channel_view(input);
+    if constexpr (B::kFused) {
+      if (training && B::use_fused(v)) return B::forward_fused(v, weight, bias, eps, act);
+    }
+    if (training) {
+      auto [mean, var] = stats_impl(v);
+      return {elemt_impl(v, weight, bias, mean, var, eps, act), mean, var};
+    }
+    const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));
+    return {elemt_impl(v, weight, bias, *running_mean, *running_var, eps, act), at::empty({0}, opts),
+            at::empty({0}, opts)};
+  }
+
+  // Sums (sum_dy, sum_dy_xmu) per channel, in double.
+  static std::pair<Tensor, Tensor> reduce_impl(const ChannelView& v, const Tensor& dy, const Folded& f,
+                                        int act) {
+    return B::grad_sums(v, dy, f.acc_mean, f.acc_scale, f.acc_bias, /*per_sample=*/false, act);
+  }
+
+  // dx = invstd*w * (g - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu); with
+  // zero means (eval statistics) this is dx = invstd*w*g.
+  static Tensor grad_input_impl(const ChannelView& v, const Tensor& dy, const Folded& f,
+                         const Tensor& mean_dy, const Tensor& mean_dy_xmu, int act) {
+    const auto acc = acc_dtype(v.x.scalar_type());
+    Tensor a = f.invstd * f.weight;
+    Tensor b = -a * f.invstd * f.invstd * mean_dy_xmu.to(at::kDouble);
+    Tensor c = -a * mean_dy.to(at::kDouble);
+    Tensor dx = like(v);
+    B::grad_input(v, dy, dx, a.to(acc), b.to(acc), f.acc_mean, c.to(acc), f.acc_scale, f.acc_bias,
+                  /*per_sample=*/false, act);
+    return dx;
+  }
+
+  static void check_backward(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                      const Tensor& var, const OptTensor& weight, const OptTensor& bias) {
+    check_bn_input(input);
+    check_affine(input, weight, bias);
+    check_stat(input, mean, "mean");
+    check_stat(input, var, "var");
+    check_same_device(input, grad_out, kOp, "grad_output");
+    TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), kOp,
+                ": expected grad_output to have the input's dtype ", input.scalar_type(), ", but got ",
+                grad_out.scalar_type());
+  }
+
+  static std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out, const Tensor& input,
+                                                        const Tensor& mean, const Tensor& var,
+                                                        const OptTensor& weight,
+                                                        const OptTensor& bias, double eps,
+                                                        int64_t activation) {
+    check_backward(grad_out, input, mean, var, weight, bias);
+    const int act = act_index(activation);
+    ChannelView v = channel_view(input);
+    const auto acc = acc_dtype(input.scalar_type());
+    Folded f = fold(mean, var, weight, bias, eps, acc);
+    auto sums = reduce_impl(v, match_layout(grad_out, v), f, act);
+    return {sums.first.to(acc), sums.second.to(acc)};
+  }
+
+  static Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                                   const Tensor& var, const OptTensor& weight,
+                                   const OptTensor& bias, const Tensor& mean_dy,
+                                   const Tensor& mean_dy_xmu, double eps, int64_t activation) {
+    check_backward(grad_out, input, mean, var, weight, bias);
+    check_stat(input, mean_dy, "mean_dy");
+    check_stat(input, mean_dy_xmu, "mean_dy_xmu");
+    const int act = act_index(activation);
+    ChannelView v = channel_view(input);
+    Folded f = fold(mean, var, weight, bias, eps, acc_dtype(input.scalar_type()));
+    return grad_input_impl(v, match_layout(grad_out, v), f, mean_dy, mean_dy_xmu, act);
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(
+      const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+      const Tensor& mean, const Tensor& var, bool training, double eps, int64_t activation,
+      std::array<bool, 3> output_mask) {
+    check_backward(grad_out, input, mean, var, weight, bias);
+    const int act = act_index(activation);
+    ChannelView v = channel_view(input);
+    Tensor dy = match_layout(grad_out, v);
+    const auto acc = acc_dtype(input.scalar_type());
+    Folded f = fold(mean, var, weight, bias, eps, acc);
+    const int64_t C = v.C;
+    const auto dopts = f.mean.options();
+    Tensor sum_dy = at::zeros({C}, dopts), sum_dy_xmu = at::zeros({C}, dopts);
+    Tensor grad_input;
+    bool fused = false;
+    if constexpr (B::kFused) {
+      fused = training && output_mask[0] && B::use_fused(v);
+      if (fused) grad_input = B::backward_fused(v, dy, f, act, sum_dy, sum_dy_xmu);
+    }
+    if (!fused) {
+      if (training || output_mask[1] || output_mask[2]) {
+        std::tie(sum_dy, sum_dy_xmu) = reduce_impl(v, dy, f, act);
+      }
+      const int64_t count = v.N * v.HW;
+      const bool batch_stats = training && count > 0;
+      grad_input = !output_mask[0] ? at::empty({0}, input.options())
+                                   : grad_input_impl(v, dy, f,
+                                                     batch_stats ? sum_dy / double(count) : at::zeros({C}, dopts),
+                                                     batch_stats ? sum_dy_xmu / double(count) : at::zeros({C}, dopts),
+                                                     act);
+    }
+    // A parameter gradient has the parameter's dtype (the input's when absent).
+    const auto param_grad = [&](bool wanted, const OptTensor& p, const Tensor& value) {
+      const auto dt = present(p) ? p->scalar_type() : input.scalar_type();
+      return wanted ? value.to(dt) : at::empty({0}, input.options().dtype(dt));
+    };
+    Tensor grad_weight = param_grad(output_mask[1], weight, sum_dy_xmu * f.invstd);
+    Tensor grad_bias = param_grad(output_mask[2], bias, sum_dy);
+    return {grad_input, grad_weight, grad_bias};
+  }
+
+};
+
+// Registers BatchNormOps<B> as a backend's kernels of the batch-norm ops.
+template <class B>
+void register_kernels(torch::Library& m) {
+  using Ops = BatchNormOps<B>;
+  m.impl("batch_norm_stats", &Ops::batch_norm_stats);
+  m.impl("batch_norm_elemt", &Ops::batch_norm_elemt);
+  m.impl("batch_norm_backward_reduce", &Ops::batch_norm_backward_reduce);
+  m.impl("batch_norm_backward_elemt", &Ops::batch_norm_backward_elemt);
+  m.impl("batch_norm", &Ops::batch_norm);
+  m.impl("batch_norm_backward", &Ops::batch_norm_backward);
+}
+
+}  // namespace batch_norm
+}  // namespace normops

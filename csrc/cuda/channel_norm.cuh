@@ -1,0 +1,395 @@
+// CUDA drivers shared by the per-channel norms (batch norm) and the
+// per-sample ones (group and instance norm), with the semantics of the CPU
+// drivers (csrc/cpu/channel_norm.h): statistics, the affine step and the two
+// backward passes over a ChannelView, in either layout. Constants are
+// indexed per channel ([C], per_sample = false) or per (n, c) ([N*C]).
+//
+// Reductions: per-thread Welford (or sums), merged across the block with
+// Chan's formula, written as per-block partials and merged by a second
+// kernel: no float atomics. Indexing is 64-bit throughout.
+#pragma once
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+
+#include <utility>
+
+#include "../channel_view.h"
+#include "common.cuh"
+
+namespace normops {
+namespace cuda {
+
+constexpr int kRowsPerBlock = 8;  // threadIdx.y extent of the column kernels
+
+// Constant index of element i: per channel, or per (n, c).
+struct ChannelIndex {
+  bool rows, per_sample;
+  int64_t C, HW;
+  __device__ __forceinline__ int64_t operator()(int64_t i) const {
+    int64_t n, c;
+    if (rows) {
+      c = i % C;
+      n = i / C / HW;
+    } else {
+      const int64_t p = i / HW;
+      c = p % C;
+      n = p / C;
+    }
+    return per_sample ? n * C + c : c;
+  }
+};
+
+inline ChannelIndex channel_index(const ChannelView& v, bool per_sample) {
+  return ChannelIndex{v.rows, per_sample, v.C, v.HW};
+}
+
+template <typename A>
+struct Triple {
+  A n, mean, m2;
+};
+
+// Moments of each plane of HW elements: one block per plane.
+template <typename T, typename A>
+__global__ void plane_moments_kernel(const T* __restrict__ x, int64_t planes, int64_t HW,
+                                     A* __restrict__ mean, A* __restrict__ m2) {
+  for (int64_t p = blockIdx.x; p < planes; p += gridDim.x) {
+    const T* xp = x + p * HW;
+    A n = 0, mu = 0, q = 0;
+    for (int64_t i = threadIdx.x; i < HW; i += blockDim.x) {
+      welford_add(n, mu, q, static_cast<A>(xp[i]));
+    }
+    block_merge(n, mu, q);
+    if (threadIdx.x == 0) {
+      mean[p] = mu;
+      m2[p] = q;
+    }
+  }
+}
+
+// Column moments of `samples` blocks of rows x C (rows_per_sample rows each):
+// grid (C / 32, splits, samples), block (32, kRowsPerBlock). Writes
+// partials [samples, splits, C] with counts [splits].
+template <typename T, typename A>
+__global__ void column_moments_kernel(const T* __restrict__ x, int64_t rows_per_sample, int64_t C,
+                                      A* __restrict__ pn, A* __restrict__ pmean,
+                                      A* __restrict__ pm2) {
+  __shared__ A sn[kRowsPerBlock][kWarp], sm[kRowsPerBlock][kWarp], sq[kRowsPerBlock][kWarp];
+  const int64_t c = int64_t(blockIdx.x) * kWarp + threadIdx.x;
+  const int64_t splits = gridDim.y, s = blockIdx.z;
+  const int64_t r0 = rows_per_sample * blockIdx.y / splits;
+  const int64_t r1 = rows_per_sample * (blockIdx.y + 1) / splits;
+  const T* xs = x + s * rows_per_sample * C;
+  A n = 0, mu = 0, q = 0;
+  if (c < C) {
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowsPerBlock) {
+      welford_add(n, mu, q, static_cast<A>(xs[r * C + c]));
+    }
+  }
+  sn[threadIdx.y][threadIdx.x] = n;
+  sm[threadIdx.y][threadIdx.x] = mu;
+  sq[threadIdx.y][threadIdx.x] = q;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    for (int k = 1; k < kRowsPerBlock; ++k)
+      chan_merge(n, mu, q, sn[k][threadIdx.x], sm[k][threadIdx.x], sq[k][threadIdx.x]);
+    const int64_t o = (s * splits + blockIdx.y) * C + c;
+    pn[o] = n;
+    pmean[o] = mu;
+    pm2[o] = q;
+  }
+}
+
+// Chan merge over the middle axis of [S, K, C] triples into [S, C].
+template <typename A>
+__global__ void merge_moments_kernel(const A* __restrict__ pn, const A* __restrict__ pmean,
+                                     const A* __restrict__ pm2, int64_t S, int64_t K, int64_t C,
+                                     A* __restrict__ mean, A* __restrict__ m2) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < S * C;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t s = i / C, c = i % C;
+    A n = 0, mu = 0, q = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t o = (s * K + k) * C + c;
+      chan_merge(n, mu, q, pn[o], pmean[o], pm2[o]);
+    }
+    mean[i] = mu;
+    m2[i] = q;
+  }
+}
+
+inline unsigned blocks_for(int64_t n, int threads = kBlock) {
+  return static_cast<unsigned>(grid_for((n + threads - 1) / threads));
+}
+
+// Row splits so that the column kernels fill the GPU.
+inline int64_t row_splits(int64_t rows, int64_t column_blocks, int64_t samples) {
+  const int64_t want = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, column_blocks * samples));
+  return std::max<int64_t>(1, std::min<int64_t>({want, rows / 32, 65535}));
+}
+
+template <typename T>
+std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample) {
+  using A = acc_t<T>;
+  const auto opts = v.x.options().dtype(acc_dtype(v.x.scalar_type()));
+  const int64_t out_len = per_sample ? v.N * v.C : v.C;
+  Tensor mean = at::zeros({out_len}, opts), m2 = at::zeros({out_len}, opts);
+  if (v.N * v.HW == 0 || v.C == 0) return {mean, m2};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const T* x = v.x.const_data_ptr<T>();
+  if (!v.rows) {
+    Tensor pm = at::empty({v.N * v.C}, opts), pq = at::empty({v.N * v.C}, opts);
+    plane_moments_kernel<T, A><<<static_cast<unsigned>(grid_for(v.N * v.C)), kBlock, 0, stream>>>(
+        x, v.N * v.C, v.HW, pm.mutable_data_ptr<A>(), pq.mutable_data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (per_sample) return {pm, pq};
+    // Merge the N planes of each channel: [1, N, C] -> [C].
+    Tensor counts = at::full({v.N * v.C}, double(v.HW), opts);
+    merge_moments_kernel<A><<<blocks_for(v.C), kBlock, 0, stream>>>(
+        counts.const_data_ptr<A>(), pm.const_data_ptr<A>(), pq.const_data_ptr<A>(), 1, v.N, v.C,
+        mean.mutable_data_ptr<A>(), m2.mutable_data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {mean, m2};
+  }
+  const int64_t samples = per_sample ? v.N : 1;
+  const int64_t rows = per_sample ? v.HW : v.N * v.HW;
+  const int64_t cblocks = (v.C + kWarp - 1) / kWarp;
+  const int64_t splits = row_splits(rows, cblocks, samples);
+  Tensor pn = at::empty({samples * splits * v.C}, opts), pm = at::empty_like(pn),
+         pq = at::empty_like(pn);
+  const dim3 grid(static_cast<unsigned>(cblocks), static_cast<unsigned>(splits),
+                  static_cast<unsigned>(samples));
+  column_moments_kernel<T, A><<<grid, dim3(kWarp, kRowsPerBlock), 0, stream>>>(
+      x, rows, v.C, pn.mutable_data_ptr<A>(), pm.mutable_data_ptr<A>(), pq.mutable_data_ptr<A>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  merge_moments_kernel<A><<<blocks_for(samples * v.C), kBlock, 0, stream>>>(
+      pn.const_data_ptr<A>(), pm.const_data_ptr<A>(), pq.const_data_ptr<A>(), samples, splits, v.C,
+      mean.mutable_data_ptr<A>(), m2.mutable_data_ptr<A>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {mean, m2};
+}
+
+template <Act act, typename T, typename A>
+__global__ void affine_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t numel,
+                              ChannelIndex index, const A* __restrict__ mean,
+                              const A* __restrict__ scale, const A* __restrict__ bias) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = index(i);
+    y[i] = static_cast<T>(activate<act>((static_cast<A>(x[i]) - mean[k]) * scale[k] + bias[k]));
+  }
+}
+
+// Calls f(std::integral_constant<Act, act>) for the runtime activation code.
+template <typename F>
+void dispatch_act(int act, F&& f) {
+  switch (act) {
+    case 1: return f(std::integral_constant<Act, Act::ReLU>{});
+    case 2: return f(std::integral_constant<Act, Act::ReLU6>{});
+    default: return f(std::integral_constant<Act, Act::None>{});
+  }
+}
+
+template <typename T>
+void channel_affine(const ChannelView& v, const Tensor& out, const Tensor& mean,
+                    const Tensor& scale, const Tensor& bias, bool per_sample, int act) {
+  using A = acc_t<T>;
+  const int64_t numel = v.x.numel();
+  if (numel == 0) return;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_act(act, [&](auto a) {
+    affine_kernel<decltype(a)::value, T, A><<<blocks_for(numel), kBlock, 0, stream>>>(
+        v.x.const_data_ptr<T>(), out.mutable_data_ptr<T>(), numel, channel_index(v, per_sample),
+        mean.const_data_ptr<A>(), scale.const_data_ptr<A>(), bias.const_data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Sums of g and g * (x - mean) per plane (one block per plane), or per
+// column block partial ([samples, splits, C]).
+template <Act act, typename T, typename A>
+__global__ void plane_grad_sums_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                       int64_t planes, int64_t HW, int64_t period,
+                                       const A* __restrict__ mean, const A* __restrict__ scale,
+                                       const A* __restrict__ bias, A* __restrict__ sum_dy,
+                                       A* __restrict__ sum_dy_xmu) {
+  for (int64_t p = blockIdx.x; p < planes; p += gridDim.x) {
+    const int64_t k = p % period;
+    const A m = mean[k], s = scale[k], h = bias[k];
+    A a = 0, b = 0;
+    for (int64_t i = threadIdx.x; i < HW; i += blockDim.x) {
+      const A xv = static_cast<A>(x[p * HW + i]);
+      const A g = activation_grad<act>((xv - m) * s + h, static_cast<A>(dy[p * HW + i]));
+      a += g;
+      b += g * (xv - m);
+    }
+    block_sum2(a, b);
+    if (threadIdx.x == 0) {
+      sum_dy[p] = a;
+      sum_dy_xmu[p] = b;
+    }
+  }
+}
+
+template <Act act, typename T, typename A>
+__global__ void column_grad_sums_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                        int64_t rows_per_sample, int64_t C, bool per_sample,
+                                        const A* __restrict__ mean, const A* __restrict__ scale,
+                                        const A* __restrict__ bias, A* __restrict__ psum_dy,
+                                        A* __restrict__ psum_dy_xmu) {
+  __shared__ A sa[kRowsPerBlock][kWarp], sb[kRowsPerBlock][kWarp];
+  const int64_t c = int64_t(blockIdx.x) * kWarp + threadIdx.x;
+  const int64_t splits = gridDim.y, s = blockIdx.z;
+  const int64_t r0 = rows_per_sample * blockIdx.y / splits;
+  const int64_t r1 = rows_per_sample * (blockIdx.y + 1) / splits;
+  const int64_t base = s * rows_per_sample * C;
+  A a = 0, b = 0;
+  if (c < C) {
+    const int64_t k = per_sample ? s * C + c : c;
+    const A m = mean[k], sc = scale[k], h = bias[k];
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowsPerBlock) {
+      const A xv = static_cast<A>(x[base + r * C + c]);
+      const A g = activation_grad<act>((xv - m) * sc + h, static_cast<A>(dy[base + r * C + c]));
+      a += g;
+      b += g * (xv - m);
+    }
+  }
+  sa[threadIdx.y][threadIdx.x] = a;
+  sb[threadIdx.y][threadIdx.x] = b;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    for (int k = 1; k < kRowsPerBlock; ++k) {
+      a += sa[k][threadIdx.x];
+      b += sb[k][threadIdx.x];
+    }
+    const int64_t o = (s * splits + blockIdx.y) * C + c;
+    psum_dy[o] = a;
+    psum_dy_xmu[o] = b;
+  }
+}
+
+// Per channel or per (n, c): sum of g and of g * (x - mean). Double tensors.
+template <typename T>
+std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& dy,
+                                            const Tensor& mean, const Tensor& scale,
+                                            const Tensor& bias, bool per_sample, int act) {
+  using A = acc_t<T>;
+  const auto opts = v.x.options().dtype(acc_dtype(v.x.scalar_type()));
+  const int64_t out_len = per_sample ? v.N * v.C : v.C;
+  if (v.N * v.HW == 0 || v.C == 0) {
+    const auto dopts = v.x.options().dtype(at::kDouble);
+    return {at::zeros({out_len}, dopts), at::zeros({out_len}, dopts)};
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  Tensor pd, px;
+  dispatch_act(act, [&](auto a) {
+    constexpr Act kAct = decltype(a)::value;
+    if (!v.rows) {
+      pd = at::empty({v.N, v.C}, opts);
+      px = at::empty({v.N, v.C}, opts);
+      plane_grad_sums_kernel<kAct, T, A>
+          <<<static_cast<unsigned>(grid_for(v.N * v.C)), kBlock, 0, stream>>>(
+              dy.const_data_ptr<T>(), v.x.const_data_ptr<T>(), v.N * v.C, v.HW,
+              per_sample ? v.N * v.C : v.C, mean.const_data_ptr<A>(), scale.const_data_ptr<A>(),
+              bias.const_data_ptr<A>(), pd.mutable_data_ptr<A>(), px.mutable_data_ptr<A>());
+    } else {
+      const int64_t samples = per_sample ? v.N : 1;
+      const int64_t rows = per_sample ? v.HW : v.N * v.HW;
+      const int64_t cblocks = (v.C + kWarp - 1) / kWarp;
+      const int64_t splits = row_splits(rows, cblocks, samples);
+      pd = at::empty({samples, splits, v.C}, opts);
+      px = at::empty({samples, splits, v.C}, opts);
+      const dim3 grid(static_cast<unsigned>(cblocks), static_cast<unsigned>(splits),
+                      static_cast<unsigned>(samples));
+      column_grad_sums_kernel<kAct, T, A><<<grid, dim3(kWarp, kRowsPerBlock), 0, stream>>>(
+          dy.const_data_ptr<T>(), v.x.const_data_ptr<T>(), rows, v.C, per_sample,
+          mean.const_data_ptr<A>(), scale.const_data_ptr<A>(), bias.const_data_ptr<A>(),
+          pd.mutable_data_ptr<A>(), px.mutable_data_ptr<A>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  // Partials added up in double: planes over n (per channel), row splits.
+  if (!v.rows) {
+    pd = pd.to(at::kDouble);
+    px = px.to(at::kDouble);
+    return per_sample ? std::make_pair(pd.reshape({out_len}), px.reshape({out_len}))
+                      : std::make_pair(pd.sum(0), px.sum(0));
+  }
+  return {pd.to(at::kDouble).sum(1).reshape({out_len}), px.to(at::kDouble).sum(1).reshape({out_len})};
+}
+
+template <Act act, typename T, typename A>
+__global__ void grad_input_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                  T* __restrict__ dx, int64_t numel, ChannelIndex index,
+                                  const A* __restrict__ a, const A* __restrict__ b,
+                                  const A* __restrict__ m, const A* __restrict__ c,
+                                  const A* __restrict__ scale, const A* __restrict__ bias) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = index(i);
+    const A xv = static_cast<A>(x[i]);
+    const A g = activation_grad<act>((xv - m[k]) * scale[k] + bias[k], static_cast<A>(dy[i]));
+    dx[i] = static_cast<T>(a[k] * g + b[k] * (xv - m[k]) + c[k]);
+  }
+}
+
+// dx = a * g + b * (x - m) + c, g masked at (x - m) * scale + bias.
+template <typename T>
+void channel_grad_input(const ChannelView& v, const Tensor& dy, const Tensor& dx,
+                        const Tensor& a, const Tensor& b, const Tensor& m, const Tensor& c,
+                        const Tensor& scale, const Tensor& bias, bool per_sample, int act) {
+  using A = acc_t<T>;
+  const int64_t numel = v.x.numel();
+  if (numel == 0) return;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_act(act, [&](auto tag) {
+    grad_input_kernel<decltype(tag)::value, T, A><<<blocks_for(numel), kBlock, 0, stream>>>(
+        dy.const_data_ptr<T>(), v.x.const_data_ptr<T>(), dx.mutable_data_ptr<T>(), numel,
+        channel_index(v, per_sample), a.const_data_ptr<A>(), b.const_data_ptr<A>(),
+        m.const_data_ptr<A>(), c.const_data_ptr<A>(), scale.const_data_ptr<A>(),
+        bias.const_data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// The drivers above for any input dtype: what the shared op logic
+// (csrc/batch_norm_impl.h, csrc/group_norm_impl.h) calls, on the input's
+// device and current stream.
+struct ChannelDrivers {
+  static std::pair<Tensor, Tensor> moments(const ChannelView& v, bool per_sample) {
+    const c10::cuda::CUDAGuard guard(v.x.device());
+    std::pair<Tensor, Tensor> r;
+    NORMOPS_CUDA_DISPATCH(v.x.scalar_type(), "normops_moments_cuda",
+                          [&] { r = channel_moments<scalar_t>(v, per_sample); });
+    return r;
+  }
+  static void affine(const ChannelView& v, const Tensor& out, const Tensor& mean,
+                     const Tensor& scale, const Tensor& bias, bool per_sample, int act) {
+    const c10::cuda::CUDAGuard guard(v.x.device());
+    NORMOPS_CUDA_DISPATCH(v.x.scalar_type(), "normops_affine_cuda", [&] {
+      channel_affine<scalar_t>(v, out, mean, scale, bias, per_sample, act);
+    });
+  }
+  static std::pair<Tensor, Tensor> grad_sums(const ChannelView& v, const Tensor& dy,
+                                             const Tensor& mean, const Tensor& scale,
+                                             const Tensor& bias, bool per_sample, int act) {
+    const c10::cuda::CUDAGuard guard(v.x.device());
+    std::pair<Tensor, Tensor> r;
+    NORMOPS_CUDA_DISPATCH(v.x.scalar_type(), "normops_grad_sums_cuda", [&] {
+      r = channel_grad_sums<scalar_t>(v, dy, mean, scale, bias, per_sample, act);
+    });
+    return r;
+  }
+  static void grad_input(const ChannelView& v, const Tensor& dy, const Tensor& dx,
+                         const Tensor& a, const Tensor& b, const Tensor& m, const Tensor& c,
+                         const Tensor& scale, const Tensor& bias, bool per_sample, int act) {
+    const c10::cuda::CUDAGuard guard(v.x.device());
+    NORMOPS_CUDA_DISPATCH(v.x.scalar_type(), "normops_grad_input_cuda", [&] {
+      channel_grad_input<scalar_t>(v, dy, dx, a, b, m, c, scale, bias, per_sample, act);
+    });
+  }
+};
+
+}  // namespace cuda
+}  // namespace normops
