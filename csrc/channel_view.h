@@ -18,8 +18,10 @@ struct ChannelView {
   int64_t N, C, HW;
 };
 
+// channels_last / channels_last_3d (torch keeps those layouts, and only
+// those: a transposed (N, L, C) 3-D input gets a contiguous output).
 inline bool is_channels_last_dense(const Tensor& t) {
-  if (t.dim() < 3) return false;
+  if (t.dim() < 4) return false;
   const int64_t C = t.size(1);
   if (C != 1 && t.stride(1) != 1) return false;
   int64_t expected = C;

@@ -89,9 +89,10 @@ inline std::pair<int64_t, int64_t> check_layer_norm(const Tensor& input, at::Int
   }
   check_param(input, weight, shape, op, "weight");
   check_param(input, bias, shape, op, "bias");
-  int64_t D = 1;
+  int64_t D = 1, rows = 1;
   for (auto d : shape) D *= d;
-  return {D == 0 ? 0 : input.numel() / D, D};
+  for (int64_t i = 0; i < axis; ++i) rows *= input.size(i);
+  return {rows, D};
 }
 
 // Shape of layer norm's mean and rstd: the leading dims, then ones.

@@ -8,13 +8,23 @@ succeeded: a call that raises leaves them untouched.
 from typing import List, Optional, Union
 
 import torch
+import torch.nn.functional as TF
 from torch import Tensor
 
-from .ops.batch_norm import ACTIVATIONS
+from .ops.batch_norm import ACTIVATIONS, apply_activation
 
 __all__ = ["batch_norm", "layer_norm", "instance_norm", "group_norm"]
 
 ops = torch.ops.normops
+
+
+def _under_functorch() -> bool:
+    """True inside torch.func transforms (vmap, grad, jvp, jacfwd, ...). The
+    normops ops have no batching or forward-mode rules, so there the same
+    computation runs on torch.nn.functional instead of giving wrong
+    (zero) tangents. (Not while torch.compile traces: it runs the ops.)"""
+    return (not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is not None)
 
 
 def _activation_code(activation: Optional[str]) -> int:
@@ -55,6 +65,9 @@ def batch_norm(
     """torch.nn.functional.batch_norm, optionally followed by a fused ReLU or
     ReLU6."""
     act = _activation_code(activation)
+    if _under_functorch():
+        return apply_activation(TF.batch_norm(input, running_mean, running_var, weight, bias,
+                                              training, momentum, eps), act)
     _check_floating(input, "batch_norm")
     if input.dim() < 2:
         raise ValueError(f"batch_norm: expected at least 2D input (got {input.dim()}D input)")
@@ -62,7 +75,9 @@ def batch_norm(
         raise ValueError(
             "Expected more than 1 value per channel when training, "
             f"got input size {input.size()}")
-    if not training and (running_mean is None or running_var is None):
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if not training and running_mean is None:
         raise RuntimeError(
             "batch_norm: running_mean and running_var must be defined in evaluation mode")
     out, mean, var = ops.batch_norm(
@@ -86,6 +101,8 @@ def layer_norm(
     """torch.nn.functional.layer_norm."""
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
+    if _under_functorch():
+        return TF.layer_norm(input, normalized_shape, weight, bias, eps)
     _check_floating(input, "layer_norm")
     return ops.layer_norm(input, list(normalized_shape), weight, bias, eps)[0]
 
@@ -98,6 +115,8 @@ def group_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """torch.nn.functional.group_norm."""
+    if _under_functorch():
+        return TF.group_norm(input, num_groups, weight, bias, eps)
     if input.dim() < 2:
         raise RuntimeError(
             f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
@@ -128,6 +147,9 @@ def instance_norm(
     group, computed in the input's layout (channels_last stays
     channels_last). The running statistics are the mean over the batch of the
     per-instance statistics, with the unbiased variance."""
+    if _under_functorch():
+        return TF.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
+                                momentum, eps)
     _check_floating(input, "instance_norm")
     if input.dim() < 3:
         raise ValueError(
@@ -147,7 +169,7 @@ def instance_norm(
             raise RuntimeError(
                 f"instance_norm: expected {name} of shape [{C}], but got {list(t.shape)}")
     out, mean, rstd = ops.group_norm(input, C, weight, bias, eps)
-    if input.size(0) > 0 and (running_mean is not None or running_var is not None):
+    if input.numel() > 0 and (running_mean is not None or running_var is not None):
         with torch.no_grad():
             _update_running(running_mean, mean.mean(0), momentum)
             var = (rstd.double().pow(-2) - eps).clamp_min(0) * (spatial / (spatial - 1))

@@ -60,10 +60,11 @@ class BatchNormAct2d(BatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
-                 activation: Optional[str] = "relu", device=None, dtype=None) -> None:
+                 activation: Optional[str] = "relu", device=None, dtype=None, *,
+                 bias: bool = True) -> None:
         F._activation_code(activation)
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, bias=bias)
         self.activation = activation
 
     def extra_repr(self) -> str:

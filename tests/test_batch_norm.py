@@ -155,6 +155,9 @@ def test_batchnorm_act2d_signature_and_errors():
     assert m.activation == "relu" and "activation='relu'" in repr(m)
     with pytest.raises(ValueError, match="activation"):
         normops.nn.BatchNormAct2d(3, activation="gelu")
+    no_bias = normops.nn.BatchNormAct2d(3, activation="relu6", bias=False)
+    assert no_bias.bias is None
+    assert list(no_bias.state_dict()) == list(torch.nn.BatchNorm2d(3, bias=False).state_dict())
 
 
 def test_functional_batch_norm_matches_torch():

@@ -12,15 +12,19 @@
 namespace normops {
 namespace cpu {
 
-// Splits `rows_per_sample` rows of each of `samples` samples into tasks of at
-// least one cache block and runs f(task, sample, row_begin, row_end) in
-// parallel (row indices absolute); returns the number of splits per sample.
-template <typename F>
-int64_t for_each_row_task(int64_t samples, int64_t rows_per_sample, int64_t min_rows,
-                          const F& f) {
+// Splits of each sample's rows into parallel tasks of at least one cache
+// block: enough tasks for every thread.
+inline int64_t row_splits(int64_t samples, int64_t rows_per_sample, int64_t min_rows) {
   const int64_t threads = at::get_num_threads();
-  int64_t splits = (threads + samples - 1) / samples;
-  splits = std::max<int64_t>(1, std::min<int64_t>(splits, rows_per_sample / std::max<int64_t>(1, min_rows)));
+  const int64_t splits = (threads + samples - 1) / samples;
+  return std::max<int64_t>(
+      1, std::min<int64_t>(splits, rows_per_sample / std::max<int64_t>(1, min_rows)));
+}
+
+// Runs f(task, sample, row_begin, row_end) in parallel over `splits` tasks
+// per sample (row indices absolute).
+template <typename F>
+void for_each_row_task(int64_t samples, int64_t rows_per_sample, int64_t splits, const F& f) {
   at::parallel_for(0, samples * splits, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / splits, s = t % splits;
@@ -29,7 +33,6 @@ int64_t for_each_row_task(int64_t samples, int64_t rows_per_sample, int64_t min_
       f(t, n, r0, r1);
     }
   });
-  return splits;
 }
 
 // Moments (mean, m2) per channel (count N*HW) or per (n, c) (count HW).
@@ -69,12 +72,12 @@ std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample)
   const int64_t samples = per_sample ? v.N : 1;
   const int64_t rows_per_sample = per_sample ? v.HW : v.N * v.HW;
   const int64_t R = block_rows(v.C, sizeof(T));
-  const int64_t max_tasks = samples * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t splits = row_splits(samples, rows_per_sample, R);
   // Per task: moments [2C], then the kernel's scratch [3C].
-  std::vector<A> part(static_cast<size_t>(max_tasks * v.C * 5));
-  std::vector<A> part_count(static_cast<size_t>(max_tasks));
+  std::vector<A> part(static_cast<size_t>(samples * splits * v.C * 5));
+  std::vector<A> part_count(static_cast<size_t>(samples * splits));
   const int64_t C = v.C;
-  const int64_t splits = for_each_row_task(samples, rows_per_sample, R, [&](int64_t t, int64_t, int64_t r0, int64_t r1) {
+  for_each_row_task(samples, rows_per_sample, splits, [&](int64_t t, int64_t, int64_t r0, int64_t r1) {
     A* tm = part.data() + t * C * 5;
     k.column_moments(x + r0 * C, r1 - r0, C, R, tm, tm + C, tm + 2 * C);
     part_count[t] = A(r1 - r0);
@@ -180,11 +183,11 @@ std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& 
   const int64_t samples = per_sample ? v.N : 1;
   const int64_t rows_per_sample = per_sample ? v.HW : v.N * v.HW;
   const int64_t R = block_rows(C, 2 * sizeof(T));
-  const int64_t max_tasks = samples * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t splits = row_splits(samples, rows_per_sample, R);
   // Per task: double accumulators [2C], and the kernel's scratch [2C].
-  std::vector<double> acc(static_cast<size_t>(max_tasks * C * 2), 0.0);
-  std::vector<A> scratch(static_cast<size_t>(max_tasks * C * 2));
-  const int64_t splits = for_each_row_task(samples, rows_per_sample, R, [&](int64_t t, int64_t n, int64_t r0, int64_t r1) {
+  std::vector<double> acc(static_cast<size_t>(samples * splits * C * 2), 0.0);
+  std::vector<A> scratch(static_cast<size_t>(samples * splits * C * 2));
+  for_each_row_task(samples, rows_per_sample, splits, [&](int64_t t, int64_t n, int64_t r0, int64_t r1) {
     double* ad = acc.data() + t * C * 2;
     const int64_t o = per_sample ? n * C : 0;
     k.row_grad_sums[act](g + r0 * C, x + r0 * C, r1 - r0, C, R, m + o, s + o, h + o, ad, ad + C,

@@ -14,7 +14,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def is_channels_last_dense(x: torch.Tensor) -> bool:
-    if x.dim() < 3:
+    """channels_last / channels_last_3d, also for size-1 dims' strides."""
+    if x.dim() < 4:
         return False
     C = x.size(1)
     if C != 1 and x.stride(1) != 1:

@@ -61,7 +61,9 @@ def _setup_context(ctx, inputs, output):
     input, weight, bias, running_mean, running_var, training, eps, activation = inputs
     _, mean, var = output
     if not training:
-        mean, var = running_mean, running_var
+        # Copies (C values each): the buffers themselves may be updated in
+        # place by a later training step before this graph's backward runs.
+        mean, var = running_mean.detach().clone(), running_var.detach().clone()
     ctx.save_for_backward(input, weight, bias, mean, var)
     ctx.training, ctx.eps, ctx.activation = training, eps, activation
     ctx.mark_non_differentiable(output[1], output[2])

@@ -76,7 +76,9 @@ NORMOPS_INLINE void block_moments(const T* x, int64_t len, int64_t stride, int64
     dsum += dj;
   }
   mean = bm;
-  m2 = q - dsum * dsum / n;
+  // The correction can round below zero for constant data.
+  const A corrected = q - dsum * dsum / n;
+  m2 = corrected > A(0) ? corrected : A(0);
 }
 
 // Spans: `count` runs of `len` contiguous elements, run j at x + j * stride
@@ -148,7 +150,8 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
       NORMOPS_SIMD
       for (int64_t c = 0; c < C; ++c) {
         om[c] = s[c] + e[c] * inv;
-        oq[c] = q[c] - e[c] * e[c] * inv;
+        const A corrected = q[c] - e[c] * e[c] * inv;
+        oq[c] = corrected > A(0) ? corrected : A(0);
       }
     } else {
       const A wb = A(n) / (count + A(n)), w = count * wb;
@@ -156,7 +159,8 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
       for (int64_t c = 0; c < C; ++c) {
         const A delta = s[c] + e[c] * inv - om[c];
         om[c] += delta * wb;
-        oq[c] += q[c] - e[c] * e[c] * inv + delta * delta * w;
+        const A corrected = q[c] - e[c] * e[c] * inv;
+        oq[c] += (corrected > A(0) ? corrected : A(0)) + delta * delta * w;
       }
     }
     count += A(n);

@@ -1,0 +1,89 @@
+"""Edge cases found by review: each failed before its fix."""
+import pytest
+import torch
+
+import normops
+import normops.functional as NF
+
+
+@pytest.mark.parametrize("make", [lambda: normops.nn.BatchNorm2d(3),
+                                  lambda: normops.nn.InstanceNorm2d(3, track_running_stats=True)])
+def test_eval_graph_survives_a_later_training_step(make):
+    """The eval graph keeps its own copy of the running stats, so a training
+    forward before its backward (which updates the buffers in place) neither
+    breaks it nor changes its gradient."""
+    x = torch.randn(2, 3, 4, 4) * 3 + 1
+    m = make()
+    m.eval()
+    expected = torch.autograd.grad(m(x.requires_grad_()).sum(), x)[0]
+    m.train()
+    expected = expected + torch.autograd.grad((m(x) ** 2).sum(), x)[0]
+    m = make()
+    m.eval()
+    y1 = m(x)
+    m.train()
+    y2 = m(x)  # updates running_mean / running_var in place
+    got = torch.autograd.grad(y1.sum() + (y2 ** 2).sum(), x)[0]
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("make", [lambda: normops.nn.BatchNorm1d(8),
+                                  lambda: normops.nn.GroupNorm(2, 8),
+                                  lambda: normops.nn.InstanceNorm1d(8)])
+def test_transposed_3d_input_gives_contiguous_output(make):
+    x = torch.randn(4, 10, 8).transpose(1, 2)
+    y = make()(x)
+    assert y.is_contiguous()
+    y.view(4, -1)
+
+
+def test_instance_norm_zero_spatial_keeps_running_stats():
+    rm, rv = torch.full((3,), 5.0), torch.full((3,), 2.0)
+    NF.instance_norm(torch.randn(2, 3, 0), rm, rv)
+    assert torch.equal(rm, torch.full((3,), 5.0)) and torch.equal(rv, torch.full((3,), 2.0))
+
+
+def test_layer_norm_over_an_empty_shape():
+    x = torch.randn(4, 0, requires_grad=True)
+    w = torch.ones(0, requires_grad=True)
+    NF.layer_norm(x, (0,), w).sum().backward()
+    assert x.grad.shape == (4, 0) and w.grad.shape == (0,)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_large_constant_channels_have_zero_variance(layout):
+    x = torch.full((5, 46, 11, 17), 3e8).to(memory_format=layout)
+    _, var = torch.ops.normops.batch_norm_stats(x)
+    assert (var >= 0).all()
+    assert not NF.batch_norm(x, None, None, training=True).isnan().any()
+    assert not NF.group_norm(x, 2).isnan().any()
+
+
+def test_one_running_buffer_is_an_error():
+    with pytest.raises(ValueError, match="both be None or neither"):
+        NF.batch_norm(torch.randn(4, 3), torch.zeros(3), None, training=True)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: normops.nn.GroupNorm(1, 3), (2, 3, 4)),
+    (lambda: normops.nn.LayerNorm(4), (2, 3, 4)),
+    (lambda: normops.nn.BatchNormAct2d(3, activation="relu6").eval(), (2, 3, 2, 2)),
+    (lambda: normops.nn.InstanceNorm2d(3, affine=True), (2, 3, 2, 2)),
+])
+def test_torch_func_transforms(make, shape):
+    """Inside torch.func transforms the same numbers come from torch's ops
+    (the normops ops have no forward-mode or batching rules)."""
+    m = make().double()
+    x = torch.randn(shape, dtype=torch.float64)
+    t = torch.randn_like(x)  # not constant: the norms are shift-invariant
+    out, tangent = torch.func.jvp(m, (x,), (t,))
+    # Reference tangent by finite differences.
+    h = 1e-6
+    fd = (m(x + h * t) - m(x - h * t)) / (2 * h)
+    torch.testing.assert_close(tangent, fd, rtol=1e-5, atol=1e-5)
+    assert tangent.abs().sum() > 0
+    per_sample = torch.func.vmap(lambda v: m(v.unsqueeze(0)).squeeze(0))(x)
+    assert per_sample.shape == x.shape
+    g = torch.func.grad(lambda v: m(v).pow(2).sum())(x)
+    (expected,) = torch.autograd.grad(m(x.requires_grad_()).pow(2).sum(), x)
+    torch.testing.assert_close(g, expected)
