@@ -87,3 +87,16 @@ def test_torch_func_transforms(make, shape):
     g = torch.func.grad(lambda v: m(v).pow(2).sum())(x)
     (expected,) = torch.autograd.grad(m(x.requires_grad_()).pow(2).sum(), x)
     torch.testing.assert_close(g, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_relu6_mask_uses_the_stored_pre_activation(dtype):
+    """Just below 6 in float but 6 once rounded to the input dtype: the
+    unfused BatchNorm -> ReLU6 passes no gradient there, nor must the fused."""
+    x = torch.full((2, 1, 1, 1), 5.96875, dtype=dtype, requires_grad=True)
+    w = torch.tensor([1.004])
+    args = (torch.zeros(1), torch.ones(1), w, None, False)
+    (got,) = torch.autograd.grad(NF.batch_norm(x, *args, activation="relu6").sum(), x)
+    (ref,) = torch.autograd.grad(torch.nn.functional.relu6(
+        torch.nn.functional.batch_norm(x, *args)).sum(), x)
+    assert torch.equal(got, ref)

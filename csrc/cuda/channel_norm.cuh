@@ -23,6 +23,13 @@ namespace cuda {
 
 constexpr int kRowsPerBlock = 8;  // threadIdx.y extent of the column kernels
 
+// The pre-activation as the forward stored it (rounded to T), so that the
+// backward's activation mask matches the unfused BatchNorm -> ReLU6.
+template <typename T, typename A>
+__device__ __forceinline__ A as_stored(A z) {
+  return static_cast<A>(static_cast<T>(z));
+}
+
 // Constant index of element i: per channel, or per (n, c).
 struct ChannelIndex {
   bool rows, per_sample;
@@ -220,7 +227,7 @@ __global__ void plane_grad_sums_kernel(const T* __restrict__ dy, const T* __rest
     A a = 0, b = 0;
     for (int64_t i = threadIdx.x; i < HW; i += blockDim.x) {
       const A xv = static_cast<A>(x[p * HW + i]);
-      const A g = activation_grad<act>((xv - m) * s + h, static_cast<A>(dy[p * HW + i]));
+      const A g = activation_grad<act>(as_stored<T, A>((xv - m) * s + h), static_cast<A>(dy[p * HW + i]));
       a += g;
       b += g * (xv - m);
     }
@@ -250,7 +257,8 @@ __global__ void column_grad_sums_kernel(const T* __restrict__ dy, const T* __res
     const A m = mean[k], sc = scale[k], h = bias[k];
     for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowsPerBlock) {
       const A xv = static_cast<A>(x[base + r * C + c]);
-      const A g = activation_grad<act>((xv - m) * sc + h, static_cast<A>(dy[base + r * C + c]));
+      const A g = activation_grad<act>(as_stored<T, A>((xv - m) * sc + h),
+                                       static_cast<A>(dy[base + r * C + c]));
       a += g;
       b += g * (xv - m);
     }
@@ -329,7 +337,8 @@ __global__ void grad_input_kernel(const T* __restrict__ dy, const T* __restrict_
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t k = index(i);
     const A xv = static_cast<A>(x[i]);
-    const A g = activation_grad<act>((xv - m[k]) * scale[k] + bias[k], static_cast<A>(dy[i]));
+    const A g = activation_grad<act>(as_stored<T, A>((xv - m[k]) * scale[k] + bias[k]),
+                                     static_cast<A>(dy[i]));
     dx[i] = static_cast<T>(a[k] * g + b[k] * (xv - m[k]) + c[k]);
   }
 }

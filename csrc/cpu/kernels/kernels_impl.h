@@ -42,6 +42,13 @@ NORMOPS_INLINE bf16_t store<bf16_t>(float v) {
   return bf16_t{static_cast<uint16_t>(v != v ? 0x7fc0u : rounded)};
 }
 
+// The pre-activation as the forward stored it (rounded to T), so that the
+// backward's activation mask matches the unfused BatchNorm -> ReLU6.
+template <typename T>
+NORMOPS_INLINE acc_t<T> as_stored(acc_t<T> z) {
+  return load(store<T>(z));
+}
+
 // Exact two-pass moments of one cache-sized block: `runs` runs of `len`
 // elements, run j at x + j * stride. The first pass is shifted by the block's
 // first value, so the sum stays at the scale of the spread, not of the mean;
@@ -221,7 +228,7 @@ void span_grad_sums(const T* dy, const T* x, int64_t len, int64_t stride, int64_
       NORMOPS_SIMD_SUM(a, b)
       for (int64_t i = 0; i < n; ++i) {
         const A xv = load(xb[i]);
-        const A g = activation_grad<act>((xv - m) * s + h, A(load(gb[i])));
+        const A g = activation_grad<act>(as_stored<T>((xv - m) * s + h), A(load(gb[i])));
         a += g;
         b += g * (xv - m);
       }
@@ -256,7 +263,7 @@ void row_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, int64_t blo
       NORMOPS_SIMD
       for (int64_t c = 0; c < C; ++c) {
         const A xv = load(xr[c]);
-        const A g = activation_grad<act>((xv - m[c]) * s[c] + h[c], A(load(gr[c])));
+        const A g = activation_grad<act>(as_stored<T>((xv - m[c]) * s[c] + h[c]), A(load(gr[c])));
         bd[c] += g;
         bx[c] += g * (xv - m[c]);
       }
@@ -280,7 +287,7 @@ void span_grad_input(const T* dy, const T* x, T* dx, int64_t len, int64_t stride
     NORMOPS_SIMD
     for (int64_t i = 0; i < len; ++i) {
       const A xv = load(xj[i]);
-      const A g = activation_grad<act>((xv - m) * s + h, A(load(gj[i])));
+      const A g = activation_grad<act>(as_stored<T>((xv - m) * s + h), A(load(gj[i])));
       dj[i] = store<T>(a * g + b * (xv - m) + c);
     }
   }
@@ -300,7 +307,7 @@ void row_grad_input(const T* __restrict dy, const T* __restrict x, T* __restrict
     NORMOPS_SIMD
     for (int64_t j = 0; j < C; ++j) {
       const A xv = load(xr[j]);
-      const A g = activation_grad<act>((xv - m[j]) * scale[j] + bias[j], A(load(gr[j])));
+      const A g = activation_grad<act>(as_stored<T>((xv - m[j]) * scale[j] + bias[j]), A(load(gr[j])));
       dr[j] = store<T>(a[j] * g + b[j] * (xv - m[j]) + c[j]);
     }
   }
