@@ -70,3 +70,18 @@ def torch_grads(forward, inputs, needs, grad_out):
     with torch.enable_grad():
         found = iter(torch.autograd.grad(forward(*inputs), wanted, grad_out, create_graph=True))
     return [next(found) if n else None for n in needs]
+
+
+def affine_norm_backward(ctx, grad_out, reference, kernel):
+    """The backward of an op (input, arg, weight, bias, eps) -> (out, mean,
+    rstd), as layer and group norm are: the normops kernel
+    kernel(grad_out, input, mean, rstd, weight, bias, needs), or the torch
+    reference forward when the backward itself is differentiated."""
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[i] for i in (0, 2, 3)]
+    if needs_double_backward(grad_out, input, weight, bias):
+        grads = torch_grads(reference, (input, weight, bias), needs, grad_out)
+    else:
+        grads = kernel(grad_out, input, mean, rstd, weight, bias, needs)
+        grads = [g if n else None for g, n in zip(grads, needs)]
+    return grads[0], None, grads[1], grads[2], None

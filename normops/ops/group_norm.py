@@ -3,8 +3,8 @@ and autograd."""
 import torch
 import torch.nn.functional as F
 
-from ._common import (check_devices, empty_like_channels, empty_param_grad, empty_stats,
-                      needs_double_backward, torch_grads)
+from ._common import (affine_norm_backward, check_devices, empty_like_channels,
+                      empty_param_grad, empty_stats)
 
 ops = torch.ops.normops
 
@@ -34,17 +34,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
-    input, weight, bias, mean, rstd = ctx.saved_tensors
-    needs = [ctx.needs_input_grad[i] for i in (0, 2, 3)]
-    if needs_double_backward(grad_out, input, weight, bias):
-        gi, gw, gb = torch_grads(
-            lambda x, w, b: F.group_norm(x, ctx.num_groups, w, b, ctx.eps),
-            (input, weight, bias), needs, grad_out)
-    else:
-        grads = ops.group_norm_backward(
-            grad_out, input, ctx.num_groups, mean, rstd, weight, needs)
-        gi, gw, gb = (g if n else None for g, n in zip(grads, needs))
-    return gi, None, gw, gb, None
+    return affine_norm_backward(
+        ctx, grad_out,
+        lambda x, w, b: F.group_norm(x, ctx.num_groups, w, b, ctx.eps),
+        lambda g, x, mean, rstd, w, b, needs: ops.group_norm_backward(
+            g, x, ctx.num_groups, mean, rstd, w, needs))
 
 
 torch.library.register_autograd("normops::group_norm", _backward, setup_context=_setup_context)
