@@ -27,7 +27,7 @@ step() {  # step NAME TIMEOUT_S CMD...
   > "$LOG/device.txt" 2>&1
 cat "$LOG/device.txt"
 step build 300 python setup.py build_ext --inplace
-step tests 240 python -m pytest -q -x -k "cuda" tests -p no:cacheprovider
+step tests 240 python -m pytest -q -k "cuda and not cuda_build" tests -p no:cacheprovider
 if command -v compute-sanitizer > /dev/null; then
   small=(tests/test_layer_norm.py -k "cuda and parity and float32")
   step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 \

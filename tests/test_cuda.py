@@ -1,0 +1,85 @@
+"""CUDA-specific cases (skipped without a GPU): large half-precision inputs,
+channels_last, a non-default stream, CUDA graphs through
+torch.compile(mode="reduce-overhead"), more rows than a grid dimension
+holds, and CPU vs CUDA agreement."""
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import normops
+import normops.functional as NF
+from helpers import assert_close, make_input
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+MODULES = [
+    (lambda: normops.nn.BatchNorm2d(64), (32, 64, 28, 28)),
+    (lambda: normops.nn.BatchNormAct2d(64, activation="relu6"), (32, 64, 28, 28)),
+    (lambda: normops.nn.GroupNorm(32, 64), (8, 64, 28, 28)),
+    (lambda: normops.nn.InstanceNorm2d(64, affine=True), (4, 64, 64, 64)),
+    (lambda: normops.nn.LayerNorm(1024), (4096, 1024)),
+]
+
+
+@pytest.mark.parametrize("make,shape", MODULES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_and_cuda_agree(make, shape, layout):
+    cpu = make().double()
+    gpu = make().double().cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x = make_input(shape, torch.float64, "cpu", layout if len(shape) == 4 else "contiguous")
+    xc, xg = x.clone().requires_grad_(), x.cuda().requires_grad_()
+    yc, yg = cpu(xc), gpu(xg)
+    assert_close(yg.cpu(), yc)
+    g = torch.randn_like(yc)
+    yc.backward(g), yg.backward(g.cuda())
+    assert_close(xg.grad.cpu(), xc.grad, grad=True)
+    for bc, bg in zip(cpu.buffers(), gpu.buffers()):
+        assert torch.allclose(bc.double(), bg.cpu().double(), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("make,shape", MODULES)
+def test_half_precision_large(make, shape, dtype):
+    m = make().cuda()
+    ref = make().double().cuda()
+    ref.load_state_dict(m.state_dict())
+    x = make_input(shape, dtype, "cuda", "channels_last" if len(shape) == 4 else "contiguous")
+    xo, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    yo, yr = m(xo), ref(xr)
+    assert yo.dtype == dtype
+    assert_close(yo, yr, dtype)
+    g = torch.randn_like(yr)
+    yo.backward(g.to(dtype)), yr.backward(g)
+    assert_close(xo.grad, xr.grad, dtype, grad=True)
+
+
+def test_non_default_stream():
+    m = normops.nn.GroupNorm(4, 16).cuda()
+    x = torch.randn(8, 16, 32, 32, device="cuda")
+    expected = m(x)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got = m(x)
+    torch.cuda.current_stream().wait_stream(s)
+    assert_close(got, expected)
+
+
+def test_cuda_graphs_through_reduce_overhead():
+    torch._dynamo.reset()
+    m = torch.nn.Sequential(normops.nn.BatchNormAct2d(8, activation="relu"),
+                            normops.nn.GroupNorm(2, 8)).cuda().eval()
+    compiled = torch.compile(m, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        x = torch.randn(4, 8, 16, 16, device="cuda")
+        assert_close(compiled(x).clone(), m(x))
+
+
+def test_more_rows_than_a_grid_dimension():
+    x = torch.randn(70000, 64, device="cuda", requires_grad=True)
+    w = torch.randn(64, device="cuda", requires_grad=True)
+    y = NF.layer_norm(x, (64,), w)
+    assert_close(y, TF.layer_norm(x, (64,), w))
+    bn = NF.batch_norm(x, None, None, training=True)
+    assert_close(bn, TF.batch_norm(x, None, None, training=True))
