@@ -58,11 +58,13 @@ void for_each_chunk(int64_t total, int64_t chunks, const F& f) {
 }
 
 // Rows per cache block for row-layout reductions over C channels: about
-// 64 KB, and at most 128 rows, which keeps float block sums accurate.
+// 64 KB; at most 128 rows, which keeps float block sums accurate; at least
+// 32, so that merging a block's C partials stays small beside reducing it
+// (wide C: 32 rows of 2048 channels is 256 KB, still in L2).
 inline int64_t block_rows(int64_t C, int64_t elem_size) {
   constexpr int64_t kBlockBytes = 64 * 1024;
   const int64_t rows = kBlockBytes / std::max<int64_t>(1, C * elem_size);
-  return std::max<int64_t>(1, std::min<int64_t>(rows, 128));
+  return std::max<int64_t>(32, std::min<int64_t>(rows, 128));
 }
 
 
