@@ -1,6 +1,5 @@
 // Helpers shared by the CPU op files: dtype dispatch onto the kernel storage
-// types, the layout of an (N, C, *) input, argument checks and chunked
-// parallel loops.
+// types, chunked parallel loops and cache-block sizes.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,7 +12,6 @@
 
 namespace normops {
 namespace cpu {
-
 
 template <typename T>
 struct Tag {
