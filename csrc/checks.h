@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <c10/util/Exception.h>
 
@@ -100,6 +101,16 @@ inline std::vector<int64_t> layer_norm_stat_shape(const Tensor& input, int64_t n
   std::vector<int64_t> s(input.sizes().begin(), input.sizes().end());
   for (int64_t i = input.dim() - nd; i < input.dim(); ++i) s[i] = 1;
   return s;
+}
+
+// Layer norm's weight (which = 0) or bias (1) gradient from per-chunk partials
+// [2, chunks, D]: the parameter's dtype (the input's when it is absent), and
+// 0 elements when not wanted.
+inline Tensor layer_norm_param_grad(const Tensor& input, const Tensor& partial, int64_t which,
+                                    bool wanted, const OptTensor& param, at::IntArrayRef shape) {
+  const auto dt = present(param) ? param->scalar_type() : input.scalar_type();
+  if (!wanted) return at::empty({0}, input.options().dtype(dt));
+  return partial[which].sum(0).view(shape).to(dt);
 }
 
 }  // namespace normops

@@ -90,13 +90,9 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
       }
     });
   }
-  // A parameter gradient has the parameter's dtype (the input's when absent).
-  const auto param_grad = [&](bool wanted, const OptTensor& p, int64_t which) {
-    const auto dt = present(p) ? p->scalar_type() : input.scalar_type();
-    if (!wanted) return at::empty({0}, input.options().dtype(dt));
-    return partial[which].sum(0).view(C10_AS_INTARRAYREF_SLOW(shape)).to(dt);
-  };
-  return {grad_input, param_grad(output_mask[1], weight, 0), param_grad(output_mask[2], bias, 1)};
+  return {grad_input,
+          layer_norm_param_grad(input, partial, 0, output_mask[1], weight, C10_AS_INTARRAYREF_SLOW(shape)),
+          layer_norm_param_grad(input, partial, 1, output_mask[2], bias, C10_AS_INTARRAYREF_SLOW(shape))};
 }
 
 }  // namespace

@@ -62,12 +62,8 @@ template <typename T, typename A>
 __global__ void plane_moments_kernel(const T* __restrict__ x, int64_t planes, int64_t HW,
                                      A* __restrict__ mean, A* __restrict__ m2) {
   for (int64_t p = blockIdx.x; p < planes; p += gridDim.x) {
-    const T* xp = x + p * HW;
-    A n = 0, mu = 0, q = 0;
-    for (int64_t i = threadIdx.x; i < HW; i += blockDim.x) {
-      welford_add(n, mu, q, static_cast<A>(xp[i]));
-    }
-    block_merge(n, mu, q);
+    A n, mu, q;
+    block_span_moments(x + p * HW, HW, n, mu, q);
     if (threadIdx.x == 0) {
       mean[p] = mu;
       m2[p] = q;

@@ -62,6 +62,18 @@ __device__ void block_merge(A& n, A& mean, A& m2) {
   warp_merge(n, mean, m2);
 }
 
+// Moments of `len` contiguous values, reduced by the whole block: Welford
+// per thread, then Chan merges. Every thread gets (n, mean, m2).
+template <typename T, typename A>
+__device__ void block_span_moments(const T* p, int64_t len, A& n, A& mean, A& m2) {
+  n = 0;
+  mean = 0;
+  m2 = 0;
+  for (int64_t i = threadIdx.x; i < len; i += blockDim.x)
+    welford_add(n, mean, m2, static_cast<A>(p[i]));
+  block_merge(n, mean, m2);
+}
+
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);

@@ -24,11 +24,8 @@ __global__ void layer_norm_forward_kernel(const T* __restrict__ x, T* __restrict
                                           A* __restrict__ rstd) {
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* xr = x + r * D;
-    A n = 0, mu = 0, m2 = 0;
-    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-      welford_add(n, mu, m2, static_cast<A>(xr[j]));
-    }
-    block_merge(n, mu, m2);
+    A n, mu, m2;
+    block_span_moments(xr, D, n, mu, m2);
     const A rs = device_rsqrt(m2 / A(D) + eps);
     if (threadIdx.x == 0) {
       mean[r] = mu;
@@ -167,13 +164,9 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
       }
     });
   }
-  // A parameter gradient has the parameter's dtype (the input's when absent).
-  const auto param_grad = [&](bool wanted, const OptTensor& p, int64_t which) {
-    const auto dt = present(p) ? p->scalar_type() : input.scalar_type();
-    if (!wanted) return at::empty({0}, input.options().dtype(dt));
-    return partial[which].sum(0).view(shape).to(dt);
-  };
-  return {grad_input, param_grad(output_mask[1], weight, 0), param_grad(output_mask[2], bias, 1)};
+  return {grad_input,
+          layer_norm_param_grad(input, partial, 0, output_mask[1], weight, shape),
+          layer_norm_param_grad(input, partial, 1, output_mask[2], bias, shape)};
 }
 
 }  // namespace
