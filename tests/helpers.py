@@ -51,3 +51,30 @@ def assert_close(actual, expected, dtype=None, grad=False, **kw):
 def grads(out, inputs, grad_out):
     inputs = [t for t in inputs if t is not None and t.requires_grad]
     return torch.autograd.grad(out, inputs, grad_out)
+
+
+def step_and_compare(ours, ref, x, act=None, steps=2, dtype=None):
+    """Runs both modules `steps` times on x (as a leaf needing grad) and
+    compares outputs, input and parameter gradients, and buffers after every
+    step (num_batches_tracked exactly). `act` follows `ref` (an unfused
+    activation)."""
+    for _ in range(steps):
+        xo = x.detach().clone().requires_grad_()
+        xr = x.detach().clone().requires_grad_()
+        yo = ours(xo)
+        yr = ref(xr)
+        if act is not None:
+            yr = act(yr)
+        assert_close(yo, yr, dtype)
+        assert yo.dtype == yr.dtype and yo.shape == yr.shape
+        g = torch.randn_like(yr)
+        yo.backward(g)
+        yr.backward(g)
+        assert_close(xo.grad, xr.grad, dtype, grad=True)
+        for po, pr in zip(ours.parameters(), ref.parameters()):
+            assert_close(po.grad, pr.grad, dtype, grad=True)
+        for bo, br in zip(ours.buffers(), ref.buffers()):
+            if bo.is_floating_point():
+                assert_close(bo, br, dtype)
+            else:
+                assert torch.equal(bo, br)

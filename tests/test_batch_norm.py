@@ -8,7 +8,7 @@ import torch.nn.functional as TF
 
 import normops
 import normops.functional as NF
-from helpers import LAYOUTS, assert_close, devices, make_input
+from helpers import LAYOUTS, assert_close, devices, make_input, step_and_compare
 
 SHAPES_2D = [(4, 3, 5, 5), (1, 6, 7, 3), (2, 5, 1, 3), (3, 2, 1, 1), (5, 17, 9, 11), (2, 64, 4, 4)]
 
@@ -23,31 +23,6 @@ def modules(cls_name, C, dtype=torch.float32, device="cpu", **kw):
     ours = getattr(normops.nn, cls_name)(C, device=device, dtype=dtype, **kw)
     ours.load_state_dict(ref.state_dict())
     return ours, ref
-
-
-def step_and_compare(ours, ref, x, act=None, steps=2, dtype=None):
-    """Runs both modules `steps` times on x (as a leaf needing grad) and
-    compares outputs, gradients and buffers after every step."""
-    for _ in range(steps):
-        xo = x.detach().clone().requires_grad_()
-        xr = x.detach().clone().requires_grad_()
-        yo = ours(xo)
-        yr = ref(xr)
-        if act is not None:
-            yr = act(yr)
-        assert_close(yo, yr, dtype)
-        assert yo.dtype == yr.dtype and yo.shape == yr.shape
-        g = torch.randn_like(yr)
-        yo.backward(g)
-        yr.backward(g)
-        assert_close(xo.grad, xr.grad, dtype, grad=True)
-        for po, pr in zip(ours.parameters(), ref.parameters()):
-            assert_close(po.grad, pr.grad, dtype, grad=True)
-        for (name, bo), (_, br) in zip(ours.named_buffers(), ref.named_buffers()):
-            if name == "num_batches_tracked":
-                assert bo.item() == br.item()
-            else:
-                assert_close(bo, br, dtype)
 
 
 @devices
