@@ -96,6 +96,18 @@ inline std::pair<int64_t, int64_t> check_layer_norm(const Tensor& input, at::Int
   return {rows, D};
 }
 
+// The rest of layer norm's backward arguments: grad_output like the input,
+// one mean and rstd per row.
+inline void check_layer_norm_backward(const Tensor& grad_out, const Tensor& input,
+                                      const Tensor& mean, const Tensor& rstd, int64_t rows,
+                                      const char* op) {
+  check_same_device(input, grad_out, op, "grad_output");
+  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
+              op, ": expected grad_output of the input's shape and dtype");
+  TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows, op,
+              ": expected mean and rstd with one value per row (", rows, ")");
+}
+
 // Shape of layer norm's mean and rstd: the leading dims, then ones.
 inline std::vector<int64_t> layer_norm_stat_shape(const Tensor& input, int64_t nd) {
   std::vector<int64_t> s(input.sizes().begin(), input.sizes().end());

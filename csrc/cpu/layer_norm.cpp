@@ -51,11 +51,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
     const Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
     std::array<bool, 3> output_mask) {
   auto [rows, D] = check_ln(input, shape, weight, bias);
-  check_same_device(input, grad_out, kOp, "grad_output");
-  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
-              kOp, ": expected grad_output of the input's shape and dtype");
-  TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows, kOp,
-              ": expected mean and rstd with one value per row (", rows, ")");
+  check_layer_norm_backward(grad_out, input, mean, rstd, rows, kOp);
   const auto acc = acc_dtype(input.scalar_type());
   Tensor x = input.contiguous(), dy = grad_out.contiguous();
   Tensor m = mean.to(acc).contiguous(), r = rstd.to(acc).contiguous();

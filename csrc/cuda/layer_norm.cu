@@ -129,11 +129,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
     std::array<bool, 3> output_mask) {
   const auto shape = C10_AS_INTARRAYREF_SLOW(shape_sym);
   auto [rows, D] = check_layer_norm(input, shape, weight, bias, kOp);
-  check_same_device(input, grad_out, kOp, "grad_output");
-  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
-              kOp, ": expected grad_output of the input's shape and dtype");
-  TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows, kOp,
-              ": expected mean and rstd with one value per row (", rows, ")");
+  check_layer_norm_backward(grad_out, input, mean, rstd, rows, kOp);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto acc = acc_dtype(input.scalar_type());
   Tensor x = input.contiguous(), dy = grad_out.contiguous();
