@@ -51,6 +51,17 @@ def _update_running(running: Optional[Tensor], value: Tensor, momentum: float) -
         running.mul_(1.0 - momentum).add_(value.to(running.dtype), alpha=momentum)
 
 
+def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         mean: Tensor, var: Tensor, count: int, momentum: float) -> None:
+    """Batch norm's running statistics after a batch of `count` values per
+    channel with this mean and biased variance: the running variance is the
+    unbiased one. No update for an empty batch."""
+    if count > 0 and (running_mean is not None or running_var is not None):
+        with torch.no_grad():
+            _update_running(running_mean, mean, momentum)
+            _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -82,12 +93,9 @@ def batch_norm(
             "batch_norm: running_mean and running_var must be defined in evaluation mode")
     out, mean, var = ops.batch_norm(
         input, weight, bias, running_mean, running_var, training, eps, act)
-    count = input.numel() // max(input.size(1), 1)
-    if training and count > 0 and (running_mean is not None or running_var is not None):
-        with torch.no_grad():
-            _update_running(running_mean, mean, momentum)
-            # The running variance is unbiased; the normalisation used the biased one.
-            _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
+    if training:
+        update_running_stats(running_mean, running_var, mean, var,
+                             input.numel() // max(input.size(1), 1), momentum)
     return out
 
 

@@ -8,9 +8,10 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from .sync_batch_norm import sync_batch_norm, world_size
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "LayerNorm",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "SyncBatchNorm", "LayerNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm",
 ]
 
@@ -30,15 +31,20 @@ class _BatchNormForward:
             momentum = 1.0 / float(self.num_batches_tracked + 1)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_buffers = not self.training or self.track_running_stats
-        out = F.batch_norm(
+        out = self._batch_norm(
             input,
             self.running_mean if pass_buffers else None,
             self.running_var if pass_buffers else None,
-            self.weight, self.bias, use_batch_stats, momentum, self.eps,
-            activation=self.activation)
+            use_batch_stats, momentum)
         if tracking and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         return out
+
+    def _batch_norm(self, input: Tensor, running_mean: Optional[Tensor],
+                    running_var: Optional[Tensor], use_batch_stats: bool,
+                    momentum: float) -> Tensor:
+        return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                            use_batch_stats, momentum, self.eps, activation=self.activation)
 
 
 class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
@@ -69,6 +75,65 @@ class BatchNormAct2d(BatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class SyncBatchNorm(_BatchNormForward, torch.nn.SyncBatchNorm):
+    """torch.nn.SyncBatchNorm on the normops ops, for CPU tensors (gloo) as
+    well as CUDA ones (NCCL), with an optional fused ReLU/ReLU6 after the
+    normalisation. In training with more than one rank in the process group
+    (default: the world) the statistics are those of the global batch; with
+    one rank, no initialised process group, or in eval mode it is a
+    BatchNorm. Weight and bias gradients stay per rank, for DDP to reduce."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 device=None, dtype=None, *, bias: bool = True,
+                 activation: Optional[str] = None) -> None:
+        F._activation_code(activation)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group,
+                         device=device, dtype=dtype, bias=bias)
+        self.activation = activation
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() >= 2 and input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+        return super().forward(input)
+
+    def _batch_norm(self, input, running_mean, running_var, use_batch_stats, momentum):
+        if self.training and use_batch_stats and world_size(self.process_group) > 1:
+            return sync_batch_norm(
+                input, running_mean, running_var, self.weight, self.bias, momentum, self.eps,
+                F._activation_code(self.activation), self.num_features, self.process_group)
+        return super()._batch_norm(input, running_mean, running_var, use_batch_stats, momentum)
+
+    def extra_repr(self) -> str:
+        if self.activation is None:
+            return super().extra_repr()
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """Replaces every batch norm of `module` (torch.nn's, its
+        SyncBatchNorm, normops') with a normops SyncBatchNorm on
+        `process_group`, sharing the parameters and buffers and keeping a
+        BatchNormAct2d's activation. Returns the converted module (a new one
+        when `module` itself is a batch norm)."""
+        converted = module
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, process_group,
+                            bias=module.bias is not None or not module.affine,
+                            activation=getattr(module, "activation", None))
+            # The same objects: optimizers and other references keep working.
+            converted.weight, converted.bias = module.weight, module.bias
+            converted.running_mean, converted.running_var = module.running_mean, module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+            converted.training = module.training
+            if hasattr(module, "qconfig"):
+                converted.qconfig = module.qconfig
+        for name, child in module.named_children():
+            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return converted
 
 
 class LayerNorm(torch.nn.LayerNorm):
