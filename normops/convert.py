@@ -9,6 +9,7 @@ _SWAPS = {
     torch.nn.BatchNorm1d: nnops.BatchNorm1d,
     torch.nn.BatchNorm2d: nnops.BatchNorm2d,
     torch.nn.BatchNorm3d: nnops.BatchNorm3d,
+    torch.nn.SyncBatchNorm: nnops.SyncBatchNorm,
     torch.nn.LayerNorm: nnops.LayerNorm,
     torch.nn.GroupNorm: nnops.GroupNorm,
     torch.nn.InstanceNorm1d: nnops.InstanceNorm1d,
@@ -32,7 +33,7 @@ def _fuse_activations(seq: torch.nn.Sequential) -> None:
 
 
 def convert(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace, in place, every torch.nn BatchNorm1d/2d/3d, LayerNorm,
+    """Replace, in place, every torch.nn BatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm,
     GroupNorm and InstanceNorm1d/2d/3d in `model` with its normops module, and
     fuse BatchNorm2d -> ReLU/ReLU6 pairs of an nn.Sequential into
     BatchNormAct2d. The modules keep their identity, parameters, buffers,

@@ -77,27 +77,33 @@ class BatchNormAct2d(BatchNorm2d):
         return f"{super().extra_repr()}, activation={self.activation!r}"
 
 
-class SyncBatchNorm(_BatchNormForward, torch.nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
     """torch.nn.SyncBatchNorm on the normops ops, for CPU tensors (gloo) as
     well as CUDA ones (NCCL), with an optional fused ReLU/ReLU6 after the
     normalisation. In training with more than one rank in the process group
     (default: the world) the statistics are those of the global batch; with
     one rank, no initialised process group, or in eval mode it is a
-    BatchNorm. Weight and bias gradients stay per rank, for DDP to reduce."""
+    BatchNorm. Weight and bias gradients stay per rank, for DDP to reduce.
+
+    Same arguments, attributes, buffers and state_dict as
+    torch.nn.SyncBatchNorm, but not a subclass of it: DistributedDataParallel
+    refuses CPU models holding a torch.nn.SyncBatchNorm."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, process_group=None,
                  device=None, dtype=None, *, bias: bool = True,
                  activation: Optional[str] = None) -> None:
         F._activation_code(activation)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group,
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype, bias=bias)
+        self.process_group = process_group
         self.activation = activation
 
-    def forward(self, input: Tensor) -> Tensor:
-        if input.dim() >= 2 and input.size(1) == 0:
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        if input.size(1) == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
-        return super().forward(input)
 
     def _batch_norm(self, input, running_mean, running_var, use_batch_stats, momentum):
         if self.training and use_batch_stats and world_size(self.process_group) > 1:
