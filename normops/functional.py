@@ -5,6 +5,7 @@ fused into the same kernels.
 Running statistics are updated here, on the buffers, after the op has
 succeeded: a call that raises leaves them untouched.
 """
+import contextlib
 from typing import List, Optional, Union
 
 import torch
@@ -25,6 +26,12 @@ def _under_functorch() -> bool:
     (zero) tangents. (Not while torch.compile traces: it runs the ops.)"""
     return (not torch.compiler.is_compiling()
             and torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+def _autocast_off(device_type: str):
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _activation_code(activation: Optional[str]) -> int:
@@ -176,7 +183,10 @@ def instance_norm(
         if t is not None and t.shape != (C,):
             raise RuntimeError(
                 f"instance_norm: expected {name} of shape [{C}], but got {list(t.shape)}")
-    out, mean, rstd = ops.group_norm(input, C, weight, bias, eps)
+    # Under autocast torch's instance norm runs in the input dtype (it is a
+    # batch norm there), not in group norm's float32.
+    with _autocast_off(input.device.type):
+        out, mean, rstd = ops.group_norm(input, C, weight, bias, eps)
     if input.numel() > 0 and (running_mean is not None or running_var is not None):
         with torch.no_grad():
             _update_running(running_mean, mean.mean(0), momentum)

@@ -42,3 +42,9 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
 
 
 torch.library.register_autograd("normops::group_norm", _backward, setup_context=_setup_context)
+
+# torch's autocast policy for group_norm: CUDA casts the inputs to float32 (float32
+# out); CPU autocast leaves it alone. Instance norm,
+# which torch runs as a batch norm in the input dtype, opts out in
+# functional.instance_norm.
+torch.library.register_autocast("normops::group_norm", "cuda", torch.float32)

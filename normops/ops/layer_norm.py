@@ -42,3 +42,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
 
 
 torch.library.register_autograd("normops::layer_norm", _backward, setup_context=_setup_context)
+
+# torch's autocast policy for layer_norm: CUDA casts the inputs to float32 (float32
+# out); CPU autocast leaves it alone.
+torch.library.register_autocast("normops::layer_norm", "cuda", torch.float32)
