@@ -21,23 +21,11 @@ case, depending on the heap's history: one implementation then paid ~25k page
 faults per call and the other none. With it, no participant page-faults in the
 steady state, like the copy it is compared with.
 """
-import os
 import sys
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736",
-              "MALLOC_MMAP_MAX_": "0"}
-
-
-def _reexec_with_malloc_env() -> None:
-    missing = {k: v for k, v in MALLOC_ENV.items() if k not in os.environ}
-    if missing and not os.environ.get("NORMOPS_BENCH_NO_REEXEC"):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **missing})
-
-
 if __name__ == "__main__":  # before torch is imported: glibc reads these at startup
-    _reexec_with_malloc_env()
+    from benchmarks._malloc import reexec_with_malloc_env
+    reexec_with_malloc_env()
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
@@ -46,6 +34,7 @@ import datetime  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
@@ -61,6 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import normops  # noqa: E402
 import normops.functional as NF  # noqa: E402
+from benchmarks._malloc import MALLOC_ENV  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -53,6 +53,14 @@ TORCH_LIBRARY(normops, m) {
       "group_norm_backward(Tensor grad_out, Tensor input, int num_groups, Tensor mean, "
       "Tensor rstd, Tensor? weight, bool[3] output_mask) -> (Tensor grad_input, "
       "Tensor grad_weight, Tensor grad_bias)");
+
+  // MobileNetV2's inverted residual in inference, batch norms folded into the
+  // convolutions (see csrc/inverted_residual.h): expand 1x1 + ReLU6 (absent
+  // for expansion 1), depthwise 3x3 + ReLU6, project 1x1, + input.
+  m.def(
+      "inverted_residual(Tensor input, Tensor? expand_weight, Tensor? expand_bias, "
+      "Tensor depthwise_weight, Tensor depthwise_bias, Tensor project_weight, "
+      "Tensor project_bias, int stride, bool residual) -> Tensor");
 }
 
 // A plain extension module: importing it runs the registrations above. Its

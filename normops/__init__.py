@@ -4,10 +4,10 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers the op schemas and kernels)
 from . import ops  # noqa: F401  (fake kernels, autograd)
-from . import functional, nn  # noqa: F401
+from . import functional, models, nn  # noqa: F401
 from .convert import convert
 
-__all__ = ["functional", "nn", "convert", "cpu_capability"]
+__all__ = ["functional", "nn", "models", "convert", "cpu_capability"]
 __version__ = "0.1.0"
 
 

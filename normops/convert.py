@@ -2,6 +2,7 @@
 import torch
 
 from . import nn as nnops
+from .inverted_residual import block_stages
 
 # Exact torch.nn type -> normops type. Subclasses of these are left alone:
 # they may override forward.
@@ -32,15 +33,40 @@ def _fuse_activations(seq: torch.nn.Sequential) -> None:
             seq._modules[second] = torch.nn.Identity()
 
 
+def _inverted_residual_stride(module: torch.nn.Module):
+    """The stride of a torchvision-style InvertedResidual (recognised by its
+    structure: a `conv` Sequential of [1x1 conv, BN, ReLU6], [3x3 depthwise,
+    BN, ReLU6], 1x1 conv, BN, and a `use_res_connect` that matches it), else
+    None."""
+    if type(module) is nnops.InvertedResidual or not hasattr(module, "use_res_connect"):
+        return None
+    found = block_stages(getattr(module, "conv", None))
+    if found is None:
+        return None
+    stages, stride = found
+    project = stages[2][0]
+    in_channels = (stages[0] or stages[1])[0].in_channels
+    residual = stride == 1 and in_channels == project.out_channels
+    return stride if module.use_res_connect == residual else None
+
+
 def convert(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace, in place, every torch.nn BatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm,
-    GroupNorm and InstanceNorm1d/2d/3d in `model` with its normops module, and
-    fuse BatchNorm2d -> ReLU/ReLU6 pairs of an nn.Sequential into
-    BatchNormAct2d. The modules keep their identity, parameters, buffers,
-    hooks and training flag (only their class changes), so optimizers and
-    state_dict keys are unaffected. Returns `model`."""
+    """Replace, in place, every torch.nn BatchNorm1d/2d/3d, SyncBatchNorm,
+    LayerNorm, GroupNorm and InstanceNorm1d/2d/3d in `model` with its normops
+    module; turn torchvision-style MobileNetV2 InvertedResidual blocks
+    (recognised by structure) into normops.nn.InvertedResidual; fuse the other
+    BatchNorm2d -> ReLU/ReLU6 pairs of an nn.Sequential into BatchNormAct2d.
+    The modules keep their identity, parameters, buffers, hooks and training
+    flag (only their class changes), so optimizers and state_dict keys are
+    unaffected. Returns `model`."""
+    blocks = [(m, s) for m in model.modules()
+              if (s := _inverted_residual_stride(m)) is not None]
+    in_blocks = {id(sub) for block, _ in blocks for sub in block.conv.modules()}
+    for block, stride in blocks:
+        block.__class__ = nnops.InvertedResidual
+        block.stride, block.memory_efficient = stride, True
     for module in model.modules():
-        if isinstance(module, torch.nn.Sequential):
+        if isinstance(module, torch.nn.Sequential) and id(module) not in in_blocks:
             _fuse_activations(module)
         swap = _SWAPS.get(type(module))
         if swap is not None:

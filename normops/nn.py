@@ -12,7 +12,7 @@ from .sync_batch_norm import sync_batch_norm, world_size
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "SyncBatchNorm", "LayerNorm",
-    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm",
+    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "InvertedResidual",
 ]
 
 
@@ -177,3 +177,6 @@ class InstanceNorm2d(_InstanceNormApply, torch.nn.InstanceNorm2d):
 
 class InstanceNorm3d(_InstanceNormApply, torch.nn.InstanceNorm3d):
     __doc__ = torch.nn.InstanceNorm3d.__doc__
+
+
+from .inverted_residual import InvertedResidual  # noqa: E402  (uses this module's functional)

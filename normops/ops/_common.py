@@ -62,13 +62,14 @@ def check_devices(op: str, input: torch.Tensor, **tensors) -> None:
                     f"({input.device}), but got {t.device}")
 
 
-def torch_grads(forward, inputs, needs, grad_out):
+def torch_grads(forward, inputs, needs, grad_out, create_graph=True):
     """Gradients of forward(*inputs) for the inputs marked in `needs`, through
-    torch's differentiable ops with create_graph=True: the double-backward
-    path (gradient penalties)."""
+    torch's differentiable ops, by default with create_graph=True: the
+    double-backward path (gradient penalties)."""
     wanted = [t for t, n in zip(inputs, needs) if n]
     with torch.enable_grad():
-        found = iter(torch.autograd.grad(forward(*inputs), wanted, grad_out, create_graph=True))
+        found = iter(torch.autograd.grad(forward(*inputs), wanted, grad_out,
+                                         create_graph=create_graph))
     return [next(found) if n else None for n in needs]
 
 

@@ -6,4 +6,5 @@
 #pragma GCC target("avx2,fma,f16c")
 #endif
 #define NORMOPS_CAP cap_avx2
+#define NORMOPS_VEC_BYTES 32
 #include "kernels_impl.h"

@@ -4,4 +4,5 @@
 #include "kernels.h"
 
 #define NORMOPS_CAP cap_default
+#define NORMOPS_VEC_BYTES 16
 #include "kernels_impl.h"

@@ -382,6 +382,118 @@ void layer_norm_backward_rows(const T* dy, const T* x, T* dx, int64_t rows, int6
   }
 }
 
+// ---- Inverted residual (eval): GEMM and depthwise stages on vectors of
+// NORMOPS_VEC_BYTES (GCC vector extensions: the accumulators stay in
+// registers, which the vectoriser does not guarantee for runtime-sized
+// loops).
+
+template <typename A>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(NORMOPS_VEC_BYTES)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(NORMOPS_VEC_BYTES)));
+};
+template <typename A>
+using vec_t = typename Vec<A>::type;
+template <typename A>
+constexpr int64_t kVecLen = NORMOPS_VEC_BYTES / sizeof(A);
+constexpr int kGemmRows = 6;  // rows of a register tile; 2 vectors of columns
+
+template <typename A>
+NORMOPS_INLINE vec_t<A> vload(const A* p) {
+  vec_t<A> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename A>
+NORMOPS_INLINE void vstore(A* p, vec_t<A> v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+template <Act act, typename A>
+NORMOPS_INLINE vec_t<A> vactivate(vec_t<A> v) {
+  if (act == Act::None) return v;
+  const vec_t<A> zero = {};
+  v = v < zero ? zero : v;
+  if (act == Act::ReLU6) {
+    const vec_t<A> six = zero + A(6);
+    v = v > six ? six : v;
+  }
+  return v;
+}
+
+template <typename A, int MR, Act act>
+NORMOPS_INLINE void gemm_tile(const A* __restrict a, int64_t lda, const A* __restrict wt,
+                              int64_t ldw, int64_t K, const A* __restrict bias,
+                              A* __restrict c, int64_t ldc) {
+  using V = vec_t<A>;
+  constexpr int64_t L = kVecLen<A>;
+  V acc[MR][2];
+  const V b0 = vload(bias), b1 = vload(bias + L);
+  for (int i = 0; i < MR; ++i) acc[i][0] = b0, acc[i][1] = b1;
+  for (int64_t k = 0; k < K; ++k) {
+    const V w0 = vload(wt + k * ldw), w1 = vload(wt + k * ldw + L);
+    for (int i = 0; i < MR; ++i) {
+      const A av = a[i * lda + k];
+      acc[i][0] += av * w0;
+      acc[i][1] += av * w1;
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    vstore(c + i * ldc, vactivate<act, A>(acc[i][0]));
+    vstore(c + i * ldc + L, vactivate<act, A>(acc[i][1]));
+  }
+}
+
+template <typename A, Act act>
+void gemm_bias_act(const A* a, int64_t M, int64_t K, int64_t lda, const A* wt, int64_t N,
+                   const A* bias, A* c) {
+  constexpr int64_t NR = 2 * kVecLen<A>;
+  // Column panels outside: a K x NR panel of wt stays in L1/L2 while every
+  // row tile of a passes over it.
+  for (int64_t j = 0; j < N; j += NR) {
+    int64_t i = 0;
+    for (; i + kGemmRows <= M; i += kGemmRows)
+      gemm_tile<A, kGemmRows, act>(a + i * lda, lda, wt + j, N, K, bias + j, c + i * N + j, N);
+    const A* at = a + i * lda;
+    A* ct = c + i * N + j;
+    switch (M - i) {
+      case 5: gemm_tile<A, 5, act>(at, lda, wt + j, N, K, bias + j, ct, N); break;
+      case 4: gemm_tile<A, 4, act>(at, lda, wt + j, N, K, bias + j, ct, N); break;
+      case 3: gemm_tile<A, 3, act>(at, lda, wt + j, N, K, bias + j, ct, N); break;
+      case 2: gemm_tile<A, 2, act>(at, lda, wt + j, N, K, bias + j, ct, N); break;
+      case 1: gemm_tile<A, 1, act>(at, lda, wt + j, N, K, bias + j, ct, N); break;
+      default: break;
+    }
+  }
+}
+
+template <typename A, Act act>
+void depthwise3x3_row(const A* const* rows, int64_t W, int64_t Wo, int64_t stride, int64_t C,
+                      const A* w, const A* bias, A* out) {
+  using V = vec_t<A>;
+  constexpr int64_t L = kVecLen<A>;
+  for (int64_t wo = 0; wo < Wo; ++wo) {
+    const int64_t w0 = wo * stride - 1;
+    A* __restrict o = out + wo * C;
+    for (int64_t c = 0; c < C; c += L) {
+      V acc = vload(bias + c);
+      for (int kh = 0; kh < 3; ++kh) {
+        if (rows[kh] == nullptr) continue;
+        for (int kw = 0; kw < 3; ++kw) {
+          const int64_t wi = w0 + kw;
+          if (wi < 0 || wi >= W) continue;
+          acc += vload(w + (kh * 3 + kw) * C + c) * vload(rows[kh] + wi * C + c);
+        }
+      }
+      vstore(o + c, vactivate<act, A>(acc));
+    }
+  }
+}
+
 template <typename T>
 const Kernels<T>& kernel_table() {
   static const Kernels<T> table = {
@@ -400,6 +512,11 @@ const Kernels<T>& kernel_table() {
        &row_grad_input<T, Act::ReLU6>},
       &layer_norm_rows<T>,
       &layer_norm_backward_rows<T>,
+      2 * kVecLen<acc_t<T>>,
+      {&gemm_bias_act<acc_t<T>, Act::None>, &gemm_bias_act<acc_t<T>, Act::ReLU>,
+       &gemm_bias_act<acc_t<T>, Act::ReLU6>},
+      {&depthwise3x3_row<acc_t<T>, Act::None>, &depthwise3x3_row<acc_t<T>, Act::ReLU>,
+       &depthwise3x3_row<acc_t<T>, Act::ReLU6>},
   };
   return table;
 }

@@ -1,0 +1,88 @@
+"""Whole networks built from normops modules, with torchvision's exact
+module layout and state_dict keys (torchvision is not a dependency): a
+torchvision checkpoint loads unchanged."""
+from typing import Callable, List, Optional
+
+import torch
+from torch import nn
+
+from .inverted_residual import InvertedResidual
+from .nn import BatchNormAct2d
+
+__all__ = ["MobileNetV2", "mobilenet_v2"]
+
+
+def _make_divisible(v: float, divisor: int, min_value: Optional[int] = None) -> int:
+    """torchvision's rounding of channel counts (never more than 10% down)."""
+    min_value = divisor if min_value is None else min_value
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+def _conv_bn_relu6(inp: int, oup: int, kernel: int, stride: int) -> nn.Sequential:
+    """Conv2dNormActivation's children and keys, the ReLU6 fused into the
+    batch norm (its slot keeps an Identity)."""
+    return nn.Sequential(
+        nn.Conv2d(inp, oup, kernel, stride, (kernel - 1) // 2, bias=False),
+        BatchNormAct2d(oup, activation="relu6"), nn.Identity())
+
+
+class MobileNetV2(nn.Module):
+    """torchvision.models.MobileNetV2 with fused inverted residual blocks and
+    batch norm + ReLU6 elsewhere."""
+
+    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0,
+                 inverted_residual_setting: Optional[List[List[int]]] = None,
+                 round_nearest: int = 8, block: Optional[Callable[..., nn.Module]] = None,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 dropout: float = 0.2) -> None:
+        super().__init__()
+        block = InvertedResidual if block is None else block
+        input_channel, last_channel = 32, 1280
+        if inverted_residual_setting is None:
+            inverted_residual_setting = [
+                [1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1],
+                [6, 160, 3, 2], [6, 320, 1, 1],
+            ]
+        if len(inverted_residual_setting) == 0 or any(
+                len(s) != 4 for s in inverted_residual_setting):
+            raise ValueError("inverted_residual_setting should be non-empty or a 4-element "
+                             f"list, got {inverted_residual_setting}")
+        input_channel = _make_divisible(input_channel * width_mult, round_nearest)
+        self.last_channel = _make_divisible(last_channel * max(1.0, width_mult), round_nearest)
+        features: List[nn.Module] = [_conv_bn_relu6(3, input_channel, 3, 2)]
+        kwargs = {} if norm_layer is None else {"norm_layer": norm_layer}
+        for t, c, n, s in inverted_residual_setting:
+            output_channel = _make_divisible(c * width_mult, round_nearest)
+            for i in range(n):
+                features.append(block(input_channel, output_channel, s if i == 0 else 1,
+                                      expand_ratio=t, **kwargs))
+                input_channel = output_channel
+        features.append(_conv_bn_relu6(input_channel, self.last_channel, 1, 1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(p=dropout),
+                                        nn.Linear(self.last_channel, num_classes))
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = nn.functional.adaptive_avg_pool2d(x, (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0, **kwargs) -> MobileNetV2:
+    """MobileNetV2 (Sandler et al., 2018) from normops modules; loads
+    torchvision's mobilenet_v2 state_dicts (no weights are downloaded)."""
+    return MobileNetV2(num_classes=num_classes, width_mult=width_mult, **kwargs)

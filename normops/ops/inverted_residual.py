@@ -1,0 +1,59 @@
+"""Registrations of the inference inverted-residual op: fake kernel and
+autograd. The backward recomputes the block through torch's differentiable
+convolutions from the saved input and folded weights (no activation is
+kept), so it also serves double backward."""
+import torch
+import torch.nn.functional as F
+
+from ._common import check_devices, torch_grads
+
+ops = torch.ops.normops
+
+
+def reference(input, expand_weight, expand_bias, depthwise_weight, depthwise_bias,
+              project_weight, project_bias, stride, residual):
+    """The op's semantics in torch ops (BN already folded into the convs)."""
+    h = input
+    if expand_weight is not None:
+        h = F.relu6(F.conv2d(h, expand_weight[:, :, None, None], expand_bias))
+    h = F.relu6(F.conv2d(h, depthwise_weight[:, None], depthwise_bias, stride, 1,
+                         groups=depthwise_weight.size(0)))
+    y = F.conv2d(h, project_weight[:, :, None, None], project_bias)
+    return y + input if residual else y
+
+
+@torch.library.register_fake("normops::inverted_residual")
+def _(input, expand_weight, expand_bias, depthwise_weight, depthwise_bias, project_weight,
+      project_bias, stride, residual):
+    check_devices("normops.inverted_residual", input, expand_weight=expand_weight,
+                  expand_bias=expand_bias, depthwise_weight=depthwise_weight,
+                  depthwise_bias=depthwise_bias, project_weight=project_weight,
+                  project_bias=project_bias)
+    torch._check(input.dim() == 4, lambda: "normops.inverted_residual: expected a 4-D input")
+    N, _, H, W = input.shape
+    shape = (N, project_weight.size(0), (H - 1) // stride + 1, (W - 1) // stride + 1)
+    channels_last = (not input.is_contiguous()
+                     and input.is_contiguous(memory_format=torch.channels_last))
+    return torch.empty(shape, dtype=input.dtype, device=input.device,
+                       memory_format=torch.channels_last if channels_last
+                       else torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, stride, residual = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.stride, ctx.residual = stride, residual
+
+
+def _backward(ctx, grad_out):
+    tensors = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:7])
+    # A graph through the recomputation only when the backward is itself
+    # differentiated (create_graph=True).
+    grads = torch_grads(lambda *t: reference(*t, ctx.stride, ctx.residual), tensors, needs,
+                        grad_out, create_graph=torch.is_grad_enabled())
+    return (*grads, None, None)
+
+
+torch.library.register_autograd("normops::inverted_residual", _backward,
+                                setup_context=_setup_context)

@@ -1,0 +1,304 @@
+"""normops.nn.InvertedResidual, normops.models.mobilenet_v2 and the
+normops::inverted_residual op against torchvision's block and network
+rebuilt from torch.nn (tests/reference_models.py)."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import normops
+import reference_models as ref_models
+from helpers import assert_close, make_input
+from normops.ops.inverted_residual import reference as op_reference
+
+SHAPES = json.loads((Path(__file__).parents[1] / "benchmarks" / "shapes.json").read_text())
+# [in, out, stride, expand_ratio] of every MobileNetV2 block
+BLOCKS = sorted({tuple(b[:4]) for b in SHAPES["inverted_residual"]["mobilenet_v2"]})
+SMALL = [(32, 16, 1, 1), (16, 24, 2, 6), (24, 24, 1, 6), (7, 5, 2, 3)]
+
+
+def block_id(b):
+    return "{}-{}-s{}-t{}".format(*b)
+
+
+def make_pair(cfg, dtype=torch.float64, memory_efficient=True):
+    torch.manual_seed(0)
+    ref = ref_models.randomize_norms(ref_models.InvertedResidual(*cfg)).to(dtype)
+    ours = normops.nn.InvertedResidual(*cfg, memory_efficient=memory_efficient).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def test_state_dict_and_attributes_match_torchvision():
+    for cfg in BLOCKS + [(32, 16, 1, 1)]:
+        ours, ref = make_pair(cfg)
+        assert list(ours.state_dict()) == list(ref.state_dict())
+        for k, v in ref.state_dict().items():
+            assert ours.state_dict()[k].shape == v.shape, k
+        for attr in ("use_res_connect", "out_channels", "_is_cn", "stride"):
+            assert getattr(ours, attr) == getattr(ref, attr), attr
+    with pytest.raises(ValueError, match="stride should be 1 or 2"):
+        normops.nn.InvertedResidual(8, 8, 3, 6)
+
+
+@pytest.mark.parametrize("cfg", BLOCKS, ids=block_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eval_matches_torchvision_block(cfg, dtype, layout):
+    ours, ref = make_pair(cfg, dtype)
+    ours.eval(), ref.eval()
+    for N, H, W in ((2, 7, 9), (1, 1, 1), (3, 6, 5)):
+        x = make_input((N, cfg[0], H, W), dtype, layout=layout)
+        with torch.no_grad():
+            y, expected = ours(x), ref(x)
+        assert_close(y, expected, rtol=1e-4 if dtype == torch.float32 else None,
+                     atol=1e-4 if dtype == torch.float32 else None)
+        if layout == "channels_last" and N > 1 and H * W > 1:
+            assert y.is_contiguous(memory_format=torch.channels_last)
+        else:
+            assert y.is_contiguous()
+
+
+def _train_compare(ours, ref, x, dtype, steps=2):
+    tol = {} if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    for _ in range(steps):
+        xo, xr = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+        yo, yr = ours(xo), ref(xr)
+        assert_close(yo, yr, **tol)
+        g = torch.randn_like(yr)
+        yo.backward(g)
+        yr.backward(g)
+        assert_close(xo.grad, xr.grad, grad=True, **tol)
+        for (name, po), pr in zip(ours.named_parameters(), ref.parameters()):
+            assert po.grad is not None, name
+            torch.testing.assert_close(po.grad, pr.grad, msg=name, **(
+                tol or dict(rtol=1e-8, atol=1e-8)))
+            po.grad = pr.grad = None
+        for (name, bo), br in zip(ours.named_buffers(), ref.buffers()):
+            if bo.is_floating_point():
+                torch.testing.assert_close(bo, br, msg=name, **(tol or dict(rtol=1e-9, atol=1e-9)))
+            else:
+                assert torch.equal(bo, br), name
+
+
+@pytest.mark.parametrize("cfg", BLOCKS, ids=block_id)
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["recompute", "keep"])
+def test_train_matches_torchvision_block_float64(cfg, memory_efficient):
+    ours, ref = make_pair(cfg, torch.float64, memory_efficient)
+    _train_compare(ours, ref, make_input((2, cfg[0], 7, 9), torch.float64), torch.float64)
+
+
+@pytest.mark.parametrize("cfg", SMALL, ids=block_id)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_train_matches_torchvision_block_float32(cfg, layout):
+    ours, ref = make_pair(cfg, torch.float32)
+    _train_compare(ours, ref, make_input((3, cfg[0], 9, 7), torch.float32, layout=layout),
+                   torch.float32)
+
+
+def test_train_momentum_none_and_no_grad_updates_running_stats():
+    ours, ref = make_pair((16, 16, 1, 6))
+    for m in list(ours.modules()) + list(ref.modules()):
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    x = make_input((2, 16, 5, 5), torch.float64)
+    with torch.no_grad():
+        for _ in range(2):
+            assert_close(ours(x), ref(x))
+    for bo, br in zip(ours.buffers(), ref.buffers()):
+        assert torch.equal(bo, br) if not bo.is_floating_point() else True
+        assert_close(bo.double(), br.double())
+
+
+def test_eval_fold_cache_follows_parameter_and_buffer_changes():
+    ours, ref = make_pair((16, 16, 1, 6))
+    ours.eval(), ref.eval()
+    x = make_input((2, 16, 5, 5), torch.float64)
+    with torch.no_grad():
+        assert_close(ours(x), ref(x))
+        for m in (ours, ref):
+            m.conv[1][1].weight.mul_(2)
+            m.conv[3].running_mean.add_(1)
+            m.conv[0][0].weight.sub_(0.1)
+        assert_close(ours(x), ref(x))
+    ours.train(), ref.train()
+    _train_compare(ours, ref, x, torch.float64, steps=1)  # moves the running stats
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        assert_close(ours(x), ref(x))
+
+
+def test_eval_gradients_flow_to_parameters_and_input():
+    ours, ref = make_pair((8, 8, 1, 6))
+    ours.eval(), ref.eval()
+    _train_compare(ours, ref, make_input((2, 8, 5, 4), torch.float64), torch.float64, steps=1)
+
+
+def test_saved_activations_of_memory_efficient_training():
+    """The memory-efficient backward keeps the input and the parameters,
+    against the expanded activations torch.nn keeps."""
+    def saved_bytes(model, x):
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        total = [0]
+
+        def pack(t):  # activations only: parameters are saved by reference
+            if t.untyped_storage().data_ptr() not in params:
+                total[0] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = model(x)  # what the forward saves for the backward
+        y.sum().backward()
+        return total[0]
+
+    cfg = (24, 24, 1, 6)
+    x = make_input((4, 24, 28, 28), torch.float32, layout="channels_last").requires_grad_()
+    ours, ref = make_pair(cfg, torch.float32)
+    ours_bytes, ref_bytes = saved_bytes(ours, x), saved_bytes(ref, x)
+    assert ours_bytes == x.numel() * x.element_size()
+    assert ours_bytes <= 0.2 * ref_bytes, (ours_bytes, ref_bytes)
+    keep, _ = make_pair(cfg, torch.float32, memory_efficient=False)
+    assert saved_bytes(keep, x) > 10 * ours_bytes
+
+
+def test_saved_tensor_hooks_see_the_saved_input():
+    ours, ref = make_pair((8, 8, 1, 6))
+    x = make_input((2, 8, 5, 5), torch.float64).requires_grad_()
+    with torch.autograd.graph.save_on_cpu():
+        y = ours(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    xr = x.detach().clone().requires_grad_()
+    ref(xr).backward(g)
+    assert_close(x.grad, xr.grad, grad=True)
+
+
+def _op_args(cfg, N=2, H=5, W=6, dtype=torch.float64, requires_grad=False):
+    inp, oup, stride, t = cfg
+    hidden = inp * t
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=dtype) * scale).requires_grad_(requires_grad)
+    expand = (r(hidden, inp, scale=0.3), r(hidden)) if t != 1 else (None, None)
+    return (r(N, inp, H, W), *expand, r(hidden, 3, 3, scale=0.3), r(hidden),
+            r(oup, hidden, scale=0.3), r(oup), stride, stride == 1 and inp == oup)
+
+
+@pytest.mark.parametrize("cfg", [(4, 4, 1, 3), (3, 5, 2, 2), (6, 4, 1, 1)], ids=block_id)
+def test_op_gradcheck(cfg):
+    args = _op_args(cfg, N=2, H=4, W=3, requires_grad=True)
+    torch.autograd.gradcheck(torch.ops.normops.inverted_residual, args)
+    torch.autograd.gradgradcheck(torch.ops.normops.inverted_residual, args)
+
+
+@pytest.mark.parametrize("cfg", SMALL, ids=block_id)
+def test_op_opcheck(cfg):
+    for layout_cl in (False, True):
+        args = list(_op_args(cfg, dtype=torch.float32, requires_grad=True))
+        if layout_cl:
+            args[0] = args[0].detach().contiguous(memory_format=torch.channels_last) \
+                .requires_grad_()
+        torch.library.opcheck(torch.ops.normops.inverted_residual, tuple(args))
+
+
+def test_op_matches_reference_in_reduced_precision():
+    args = list(_op_args((16, 16, 1, 6), dtype=torch.float32))
+    x16 = args[0].to(torch.bfloat16)
+    y = torch.ops.normops.inverted_residual(x16, *args[1:])
+    assert y.dtype == torch.bfloat16
+    expected = op_reference(x16.float(), *args[1:])
+    assert_close(y, expected, dtype=torch.bfloat16, rtol=3e-2, atol=3e-2)
+
+
+def test_op_rejects_bad_arguments():
+    args = list(_op_args((8, 8, 1, 6)))
+    op = torch.ops.normops.inverted_residual
+    bad = {
+        0: (torch.randn(2, 8, 5), "expected a 4-D"),
+        1: (torch.randn(48, 7, dtype=torch.float64), "expand_weight of shape"),
+        3: (torch.randn(48, 9, dtype=torch.float64), "depthwise_weight of shape"),
+        6: (torch.randn(9, dtype=torch.float64), "project_bias of shape"),
+        7: (3, "stride must be 1 or 2"),
+    }
+    for i, (value, msg) in bad.items():
+        call = list(args)
+        call[i] = value
+        with pytest.raises(RuntimeError, match=msg):
+            op(*call)
+    with pytest.raises(RuntimeError, match="both be given or both be None"):
+        op(args[0], args[1], None, *args[3:])
+    call = list(args)
+    call[8] = True
+    call[5] = torch.randn(4, 48, dtype=torch.float64)
+    call[6] = torch.randn(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="the residual needs"):
+        op(*call)
+    empty = op(torch.randn(0, 8, 5, 5, dtype=torch.float64), *args[1:])
+    assert empty.shape == (0, 8, 5, 5)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_compile_fullgraph(training):
+    torch._dynamo.reset()
+    ours, ref = make_pair((16, 16, 1, 6), torch.float32)
+    ours.train(training), ref.train(training)
+    compiled = torch.compile(ours, fullgraph=True)
+    x = make_input((2, 16, 7, 7), torch.float32, layout="channels_last")
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yo, yr = compiled(xo), ref(xr)
+    assert_close(yo, yr, rtol=1e-4, atol=1e-4)
+    yo.sum().backward()
+    yr.sum().backward()
+    assert_close(xo.grad, xr.grad, rtol=1e-3, atol=1e-3)
+    for bo, br in zip(ours.buffers(), ref.buffers()):
+        assert_close(bo.double(), br.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_convert_recognises_torchvision_blocks_by_structure():
+    torch.manual_seed(0)
+    model = ref_models.randomize_norms(ref_models.MobileNetV2(num_classes=10))
+    ref = copy.deepcopy(model)
+    normops.convert(model)
+    blocks = [m for m in model.modules() if isinstance(m, normops.nn.InvertedResidual)]
+    assert len(blocks) == 17
+    assert type(model.features[0][1]) is normops.nn.BatchNormAct2d
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    model.eval(), ref.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
+    # A block whose structure differs (here a ReLU instead of ReLU6) is left alone.
+    odd = ref_models.InvertedResidual(8, 8, 1, 6)
+    odd.conv[0][2] = torch.nn.ReLU()
+    normops.convert(odd)
+    assert type(odd) is ref_models.InvertedResidual
+
+
+def test_mobilenet_v2_matches_torchvision_network():
+    torch.manual_seed(0)
+    ref = ref_models.randomize_norms(ref_models.MobileNetV2(num_classes=10))
+    ours = normops.models.mobilenet_v2(num_classes=10)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    assert sum(p.numel() for p in normops.models.mobilenet_v2().parameters()) == 3504872
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+    # One training step in float64: float32 rounding grows through 17
+    # training-mode blocks (~1e-3 of the stem's gradient, for torch.nn too).
+    ours.double().train(), ref.double().train()
+    x = x.double()
+    ours.classifier[0].p = ref.classifier[0].p = 0.0  # no dropout: deterministic
+    yo, yr = ours(x), ref(x)
+    assert_close(yo, yr)
+    yo.square().sum().backward()
+    yr.square().sum().backward()
+    # Some gradients are zero up to rounding (a bias before a training-mode
+    # batch norm): tolerances relative to the largest gradient of the model.
+    scale = max(p.grad.abs().max().item() for p in ref.parameters())
+    for (name, po), pr in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(po.grad, pr.grad, rtol=1e-7, atol=1e-9 * scale, msg=name)
+    for (name, bo), br in zip(ours.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(bo, br, rtol=1e-9, atol=1e-9, msg=name)
