@@ -29,6 +29,7 @@ if __name__ == "__main__":  # before torch is imported: glibc reads these at sta
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -37,6 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import normops  # noqa: E402
+from benchmarks._malloc import MALLOC_ENV  # noqa: E402
 from benchmarks.run import QUICK, FULL, make_timer, measure  # noqa: E402
 from normops.inverted_residual import _fold, block_stages  # noqa: E402
 from normops.ops.inverted_residual import reference as folded_block  # noqa: E402
@@ -158,8 +160,11 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
 def peak_train_memory(ours: bool, batch: int, threads: int) -> float:
     code = _PEAK.format(tests=str(HERE.parent / "tests"), threads=threads, ours=ours,
                         batch=batch)
+    # glibc's defaults, as users run: the benchmark's MALLOC_* settings keep
+    # every freed block in the heap and hide the difference in peaks.
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=HERE.parent)
+                         check=True, cwd=HERE.parent, env=env)
     return int(out.stdout.strip().splitlines()[-1]) / 2**20
 
 

@@ -211,6 +211,22 @@ def test_op_matches_reference_in_reduced_precision():
     assert_close(y, expected, dtype=torch.bfloat16, rtol=3e-2, atol=3e-2)
 
 
+def test_op_repacks_weights_changed_in_place():
+    """The kernel caches its packed weights; a change must be seen."""
+    args = list(_op_args((8, 8, 1, 6)))
+    op = torch.ops.normops.inverted_residual
+    assert_close(op(*args), op_reference(*args))
+    with torch.no_grad():
+        args[1].mul_(1.5)  # expand weight
+        args[6].add_(1.0)  # project bias
+    assert_close(op(*args), op_reference(*args))
+    args[3] = args[3] * 2  # a new depthwise weight tensor
+    assert_close(op(*args), op_reference(*args))
+    with torch.inference_mode():
+        frozen = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        assert_close(op(*frozen), op_reference(*frozen))
+
+
 def test_op_rejects_bad_arguments():
     args = list(_op_args((8, 8, 1, 6)))
     op = torch.ops.normops.inverted_residual

@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <list>
+#include <mutex>
 #include <vector>
 
 #include "../inverted_residual.h"
@@ -53,18 +55,90 @@ Packed pack(const Dims& d, const OptTensor& ew, const OptTensor& eb, const Tenso
   return p;
 }
 
+// Packing costs about as much as the whole block at batch 1, so packed
+// weights are cached. An entry is found by the weight tensors' identity
+// (weak references: a freed tensor's slot cannot be reused by a new one) and
+// used only if every weight still holds, byte for byte, what was packed:
+// changes that bypass version counters (through .data, as gradcheck makes)
+// are seen too. The comparison reads the weights once, a fraction of what
+// packing them costs.
+class PackCache {
+ public:
+  template <typename MakePacked>
+  Packed get(const std::vector<Tensor>& weights, at::ScalarType acc, int64_t cols,
+             MakePacked make) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->holds(weights, acc, cols)) {
+        entries_.splice(entries_.begin(), entries_, it);
+        return entries_.front().packed;
+      }
+    }
+    Entry entry{acc, cols, {}, make()};
+    for (const Tensor& w : weights)
+      entry.parts.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()),
+                             w.unsafeGetTensorImpl(), w.contiguous().clone()});
+    entries_.push_front(std::move(entry));
+    if (entries_.size() > kCapacity) entries_.pop_back();
+    return entries_.front().packed;
+  }
+
+ private:
+  static constexpr size_t kCapacity = 64;  // every block of a few networks
+  struct Part {
+    c10::weak_intrusive_ptr<c10::TensorImpl> alive;
+    const c10::TensorImpl* impl;
+    Tensor contents;  // what was packed
+  };
+  struct Entry {
+    at::ScalarType acc;
+    int64_t cols;
+    std::vector<Part> parts;
+    Packed packed;
+    bool holds(const std::vector<Tensor>& weights, at::ScalarType a, int64_t c) const {
+      if (acc != a || cols != c || parts.size() != weights.size()) return false;
+      for (size_t i = 0; i < parts.size(); ++i) {
+        const Tensor& w = weights[i];
+        const Part& part = parts[i];
+        if (part.alive.expired() || part.impl != w.unsafeGetTensorImpl() ||
+            w.scalar_type() != part.contents.scalar_type() ||
+            w.sizes() != part.contents.sizes() || !w.is_contiguous())
+          return false;
+      }
+      for (size_t i = 0; i < parts.size(); ++i) {
+        if (std::memcmp(weights[i].data_ptr(), parts[i].contents.data_ptr(),
+                        parts[i].contents.nbytes()) != 0)
+          return false;
+      }
+      return true;
+    }
+  };
+  std::mutex mutex_;
+  std::list<Entry> entries_;
+};
+
+// One task: image n, output rows [r_begin, r_end), hidden channels
+// [h0, h1) (multiples of the GEMM column block). With all the hidden channels
+// it writes y (+ bias and residual); with a chunk of them it writes that
+// chunk's share of the projection, without bias, to `partial`.
+struct Task {
+  int64_t n, r_begin, r_end, chunk, h0, h1;
+};
+
 template <typename A>
-void run_band(const Kernels<A>& k, const Dims& d, const Packed& p, bool residual, const A* x,
-              A* y, int64_t n, int64_t r_begin, int64_t r_end) {
+void run_task(const Kernels<A>& k, const Dims& d, const Packed& p, bool residual, const A* x,
+              const Task& t, A* y, A* partial, const A* zeros) {
   const int64_t s = d.stride, W = d.W, Hp = p.hidden_pad, Op = p.out_pad;
-  const int64_t step = std::min(std::max<int64_t>(1, kPixelsPerStep / d.Wo), r_end - r_begin);
-  const int64_t row_elems = W * Hp;
-  std::vector<A> expanded(((step - 1) * s + 3) * row_elems), dw(step * d.Wo * Hp),
-      proj(step * d.Wo * Op);
-  const A* xn = x + n * d.H * W * d.C_in;
+  const int64_t Hc = t.h1 - t.h0;
+  const bool whole = Hc == Hp;
+  const int64_t step = std::min(std::max<int64_t>(1, kPixelsPerStep / d.Wo), t.r_end - t.r_begin);
+  const int64_t row_elems = W * Hc;
+  std::vector<A> expanded(((step - 1) * s + 3) * row_elems), dw(step * d.Wo * Hc);
+  std::vector<A> proj(whole ? step * d.Wo * Op : 0);
+  const A* xn = x + t.n * d.H * W * d.C_in;
   int64_t kept_lo = 0, kept_n = 0;  // input rows [kept_lo, kept_lo + kept_n) in `expanded`
-  for (int64_t r = r_begin; r < r_end; r += step) {
-    const int64_t g = std::min(step, r_end - r);
+  for (int64_t r = t.r_begin; r < t.r_end; r += step) {
+    const int64_t g = std::min(step, t.r_end - r);
     const int64_t lo = std::max<int64_t>(r * s - 1, 0);
     const int64_t hi = std::min((r + g - 1) * s + 1, d.H - 1);
     int64_t reused = 0;
@@ -77,12 +151,13 @@ void run_band(const Kernels<A>& k, const Dims& d, const Packed& p, bool residual
     A* dst = expanded.data() + reused * row_elems;
     const A* src = xn + first * W * d.C_in;
     if (p.expand_w.defined()) {
-      k.gemm_bias_act[2](src, count * W, d.C_in, d.C_in, ptr<const A>(p.expand_w), Hp,
-                         ptr<const A>(p.expand_b), dst);
-    } else {
+      k.gemm_bias_act[2](src, count * W, d.C_in, d.C_in, ptr<const A>(p.expand_w) + t.h0, Hp,
+                         Hc, ptr<const A>(p.expand_b) + t.h0, dst);
+    } else {  // expansion 1: the input's channels [h0, h1), zero-padded
+      const int64_t copied = std::max<int64_t>(0, std::min(t.h1, d.C_in) - t.h0);
       for (int64_t i = 0; i < count * W; ++i) {
-        std::memcpy(dst + i * Hp, src + i * d.C_in, d.C_in * sizeof(A));
-        std::memset(dst + i * Hp + d.C_in, 0, (Hp - d.C_in) * sizeof(A));
+        std::memcpy(dst + i * Hc, src + i * d.C_in + t.h0, copied * sizeof(A));
+        std::memset(dst + i * Hc + copied, 0, (Hc - copied) * sizeof(A));
       }
     }
     kept_lo = lo, kept_n = hi + 1 - lo;
@@ -92,13 +167,20 @@ void run_band(const Kernels<A>& k, const Dims& d, const Packed& p, bool residual
         const int64_t ih = (r + j) * s - 1 + kh;
         rows[kh] = (ih < 0 || ih >= d.H) ? nullptr : expanded.data() + (ih - lo) * row_elems;
       }
-      k.depthwise3x3_row[2](rows, W, d.Wo, s, Hp, ptr<const A>(p.dw_w), ptr<const A>(p.dw_b),
-                            dw.data() + j * d.Wo * Hp);
+      k.depthwise3x3_row[2](rows, W, d.Wo, s, Hc, ptr<const A>(p.dw_w) + t.h0, Hp,
+                            ptr<const A>(p.dw_b) + t.h0, dw.data() + j * d.Wo * Hc);
     }
-    const int64_t pixels = g * d.Wo;
-    k.gemm_bias_act[0](dw.data(), pixels, Hp, Hp, ptr<const A>(p.project_w), Op,
-                       ptr<const A>(p.project_b), proj.data());
-    A* out = y + ((n * d.Ho + r) * d.Wo) * d.C_out;
+    const int64_t pixels = g * d.Wo, first_pixel = (t.n * d.Ho + r) * d.Wo;
+    const A* pw = ptr<const A>(p.project_w) + t.h0 * Op;
+    if (!whole) {
+      const int64_t all_pixels = d.N * d.Ho * d.Wo;
+      k.gemm_bias_act[0](dw.data(), pixels, Hc, Hc, pw, Op, Op, zeros,
+                         partial + (t.chunk * all_pixels + first_pixel) * Op);
+      continue;
+    }
+    k.gemm_bias_act[0](dw.data(), pixels, Hc, Hc, pw, Op, Op, ptr<const A>(p.project_b),
+                       proj.data());
+    A* out = y + first_pixel * d.C_out;
     const A* res = residual ? xn + r * W * d.C_in : nullptr;  // stride 1: same pixels
     for (int64_t i = 0; i < pixels; ++i) {
       const A* __restrict pr = proj.data() + i * Op;
@@ -110,6 +192,44 @@ void run_band(const Kernels<A>& k, const Dims& d, const Packed& p, bool residual
       }
     }
   }
+}
+
+// y = sum of the chunks' partial projections + bias (+ residual).
+template <typename A>
+void reduce_chunks(const Dims& d, const Packed& p, bool residual, const A* x, const A* partial,
+                   int64_t chunks, A* y) {
+  const int64_t pixels = d.N * d.Ho * d.Wo, Op = p.out_pad;
+  const A* bias = ptr<const A>(p.project_b);
+  at::parallel_for(0, pixels, 256, [&](int64_t p0, int64_t p1) {
+    for (int64_t i = p0; i < p1; ++i) {
+      A* __restrict o = y + i * d.C_out;
+      for (int64_t c = 0; c < d.C_out; ++c) o[c] = bias[c] + (residual ? x[i * d.C_in + c] : A(0));
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const A* __restrict part = partial + (ch * pixels + i) * Op;
+        for (int64_t c = 0; c < d.C_out; ++c) o[c] += part[c];
+      }
+    }
+  });
+}
+
+// Tasks for every thread: whole images while there are enough of them;
+// else chunks of the hidden channels (no recomputation; each adds a share of
+// the projection) and, if still too few, bands of output rows (their halo
+// rows are expanded twice).
+std::vector<Task> plan(const Dims& d, int64_t hidden_pad, int64_t cols, int64_t* chunks) {
+  const int64_t wanted = 2 * at::get_num_threads();
+  const int64_t col_blocks = hidden_pad / cols;
+  *chunks = d.N >= wanted ? 1
+                          : std::min((wanted + d.N - 1) / d.N, std::max<int64_t>(1, col_blocks / 2));
+  const int64_t bands = std::min(std::max<int64_t>(1, (wanted + d.N * *chunks - 1) / (d.N * *chunks)),
+                                 std::max<int64_t>(1, d.Ho / 2));
+  std::vector<Task> tasks;
+  for (int64_t n = 0; n < d.N; ++n)
+    for (int64_t b = 0; b < bands; ++b)
+      for (int64_t c = 0; c < *chunks; ++c)
+        tasks.push_back({n, b * d.Ho / bands, (b + 1) * d.Ho / bands, c,
+                         c * col_blocks / *chunks * cols, (c + 1) * col_blocks / *chunks * cols});
+  return tasks;
 }
 
 Tensor inverted_residual(const Tensor& input, const OptTensor& expand_weight,
@@ -132,21 +252,28 @@ Tensor inverted_residual(const Tensor& input, const OptTensor& expand_weight,
   const auto run = [&](auto tag) {
     using A = typename decltype(tag)::type;
     const auto& k = kernels<A>();
-    const Packed p = pack(d, expand_weight, expand_bias, depthwise_weight, depthwise_bias,
-                          project_weight, project_bias, acc, k.gemm_cols);
-    // Enough tasks for every thread; a band of at least 2 rows keeps the
-    // recomputed halo small.
-    const int64_t wanted = 4 * at::get_num_threads();
-    const int64_t bands = std::min(std::max<int64_t>(1, (wanted + d.N - 1) / d.N),
-                                   std::max<int64_t>(1, d.Ho / 2));
+    static PackCache cache;
+    std::vector<Tensor> weights{depthwise_weight, depthwise_bias, project_weight, project_bias};
+    if (present(expand_weight)) weights.insert(weights.end(), {*expand_weight, *expand_bias});
+    const Packed p = cache.get(weights, acc, k.gemm_cols, [&] {
+      return pack(d, expand_weight, expand_bias, depthwise_weight, depthwise_bias,
+                  project_weight, project_bias, acc, k.gemm_cols);
+    });
+    int64_t chunks = 1;
+    const std::vector<Task> tasks = plan(d, p.hidden_pad, k.gemm_cols, &chunks);
+    Tensor partial, zeros;
+    if (chunks > 1) {
+      partial = at::empty({chunks, d.N * d.Ho * d.Wo, p.out_pad}, x.options());
+      zeros = at::zeros({p.out_pad}, x.options());
+    }
     const A* px = ptr<const A>(x);
     A* py = ptr<A>(y);
-    at::parallel_for(0, d.N * bands, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n = t / bands, b = t % bands;
-        run_band<A>(k, d, p, residual, px, py, n, b * d.Ho / bands, (b + 1) * d.Ho / bands);
-      }
+    A* pp = chunks > 1 ? ptr<A>(partial) : nullptr;
+    const A* pz = chunks > 1 ? ptr<const A>(zeros) : nullptr;
+    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) run_task<A>(k, d, p, residual, px, tasks[t], py, pp, pz);
     });
+    if (chunks > 1) reduce_chunks<A>(d, p, residual, px, pp, chunks, py);
   };
   if (acc == at::kDouble) {
     run(Tag<double>{});

@@ -98,15 +98,16 @@ struct Kernels {
   // counts are multiples of gemm_cols (zero weights and biases in the
   // padding, so padded channels stay 0).
   int64_t gemm_cols;
-  // c (M x N, row stride N) = act(a (M x K, row stride lda) * wt (K x N) + bias).
+  // c (M x N, row stride N) = act(a (M x K, row stride lda) * wt (K x N,
+  // row stride ldw) + bias).
   void (*gemm_bias_act[kNumActs])(const A* a, int64_t M, int64_t K, int64_t lda, const A* wt,
-                                  int64_t N, const A* bias, A* c);
+                                  int64_t ldw, int64_t N, const A* bias, A* c);
   // One output row of a 3x3 depthwise convolution with padding 1:
-  // out[wo][c] = act(bias[c] + sum w[kh*3+kw][c] * rows[kh][wo*stride-1+kw][c]),
+  // out[wo][c] = act(bias[c] + sum w[(kh*3+kw)*ldw + c] * rows[kh][wo*stride-1+kw][c]),
   // rows[kh] (W x C) null where the row is padding; out is Wo x C.
   void (*depthwise3x3_row[kNumActs])(const A* const* rows, int64_t W, int64_t Wo,
-                                     int64_t stride, int64_t C, const A* w, const A* bias,
-                                     A* out);
+                                     int64_t stride, int64_t C, const A* w, int64_t ldw,
+                                     const A* bias, A* out);
 };
 
 namespace cap_default {

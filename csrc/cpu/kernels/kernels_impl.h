@@ -449,23 +449,23 @@ NORMOPS_INLINE void gemm_tile(const A* __restrict a, int64_t lda, const A* __res
 }
 
 template <typename A, Act act>
-void gemm_bias_act(const A* a, int64_t M, int64_t K, int64_t lda, const A* wt, int64_t N,
-                   const A* bias, A* c) {
+void gemm_bias_act(const A* a, int64_t M, int64_t K, int64_t lda, const A* wt, int64_t ldw,
+                   int64_t N, const A* bias, A* c) {
   constexpr int64_t NR = 2 * kVecLen<A>;
   // Column panels outside: a K x NR panel of wt stays in L1/L2 while every
   // row tile of a passes over it.
   for (int64_t j = 0; j < N; j += NR) {
     int64_t i = 0;
     for (; i + kGemmRows <= M; i += kGemmRows)
-      gemm_tile<A, kGemmRows, act>(a + i * lda, lda, wt + j, N, K, bias + j, c + i * N + j, N);
+      gemm_tile<A, kGemmRows, act>(a + i * lda, lda, wt + j, ldw, K, bias + j, c + i * N + j, N);
     const A* at = a + i * lda;
     A* ct = c + i * N + j;
     switch (M - i) {
-      case 5: gemm_tile<A, 5, act>(at, lda, wt + j, N, K, bias + j, ct, N); break;
-      case 4: gemm_tile<A, 4, act>(at, lda, wt + j, N, K, bias + j, ct, N); break;
-      case 3: gemm_tile<A, 3, act>(at, lda, wt + j, N, K, bias + j, ct, N); break;
-      case 2: gemm_tile<A, 2, act>(at, lda, wt + j, N, K, bias + j, ct, N); break;
-      case 1: gemm_tile<A, 1, act>(at, lda, wt + j, N, K, bias + j, ct, N); break;
+      case 5: gemm_tile<A, 5, act>(at, lda, wt + j, ldw, K, bias + j, ct, N); break;
+      case 4: gemm_tile<A, 4, act>(at, lda, wt + j, ldw, K, bias + j, ct, N); break;
+      case 3: gemm_tile<A, 3, act>(at, lda, wt + j, ldw, K, bias + j, ct, N); break;
+      case 2: gemm_tile<A, 2, act>(at, lda, wt + j, ldw, K, bias + j, ct, N); break;
+      case 1: gemm_tile<A, 1, act>(at, lda, wt + j, ldw, K, bias + j, ct, N); break;
       default: break;
     }
   }
@@ -473,7 +473,7 @@ void gemm_bias_act(const A* a, int64_t M, int64_t K, int64_t lda, const A* wt, i
 
 template <typename A, Act act>
 void depthwise3x3_row(const A* const* rows, int64_t W, int64_t Wo, int64_t stride, int64_t C,
-                      const A* w, const A* bias, A* out) {
+                      const A* w, int64_t ldw, const A* bias, A* out) {
   using V = vec_t<A>;
   constexpr int64_t L = kVecLen<A>;
   for (int64_t wo = 0; wo < Wo; ++wo) {
@@ -486,7 +486,7 @@ void depthwise3x3_row(const A* const* rows, int64_t W, int64_t Wo, int64_t strid
         for (int kw = 0; kw < 3; ++kw) {
           const int64_t wi = w0 + kw;
           if (wi < 0 || wi >= W) continue;
-          acc += vload(w + (kh * 3 + kw) * C + c) * vload(rows[kh] + wi * C + c);
+          acc += vload(w + (kh * 3 + kw) * ldw + c) * vload(rows[kh] + wi * C + c);
         }
       }
       vstore(o + c, vactivate<act, A>(acc));
