@@ -18,8 +18,8 @@ channels_last, float32, in one process with the participants interleaved:
 Then the whole network (normops.models.mobilenet_v2 against torchvision's
 layout on torch.nn, tests/reference_models.py): eval forward at batch 1 and
 32, and one training step at batch 32, whose peak resident memory is measured
-in a fresh subprocess per model (ru_maxrss minus the resident size before the
-step). Medians; `x eager` > 1 means normops is faster.
+in a fresh subprocess per model (its peak resident size, VmHWM, minus the
+resident size before the step). Medians; `x eager` > 1 means normops is faster.
 """
 import sys
 
@@ -142,18 +142,20 @@ def run_block(cfg, batch, layout, sampling, timer, with_compile):
 
 
 _PEAK = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {tests!r})
 import normops, reference_models
 torch.set_num_threads({threads})
 torch.manual_seed(0)
 model = normops.models.mobilenet_v2() if {ours} else reference_models.MobileNetV2()
 x = torch.randn({batch}, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
-before = rss()
+def status(field):  # this process's own peak (ru_maxrss would start at the parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+before = status("VmRSS:")
 model(x).sum().backward()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+print(status("VmHWM:") - before)
 """
 
 
