@@ -8,9 +8,10 @@ its forward differs:
   runs as one op, normops::inverted_residual, which never materialises the
   expanded tensor;
 - training, memory_efficient=True (default): the forward runs without
-  recording a graph and keeps only the block input and the parameters; the
-  backward recomputes the block (with the batch statistics of the forward's
-  batch) and differentiates it. memory_efficient=False records the graph as
+  recording a graph and keeps only bottleneck-sized tensors (the block input
+  and the projection's output) and the batch statistics; the backward
+  recomputes the expanded activations with those statistics and runs the
+  convolution and batch-norm backward ops. memory_efficient=False records the graph as
   the unfused block does (more memory, no recomputation), and so does
   torch.compile, which cannot trace the recomputing backward.
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import batch_norm as _batch_norm
+from .functional import update_running_stats
 
 ops = torch.ops.normops
 
@@ -131,30 +133,93 @@ def _train_block(x: Tensor, params, stages, stride: int, residual: bool, update:
     return y + x if residual else y
 
 
+def _stats_forward(x: Tensor, params, stages, stride: int, residual: bool):
+    """The training forward without a graph, on the normops batch-norm op:
+    the output, the projection's pre-norm output (bottleneck-sized), the three
+    batch norms' batch (mean, var), and the running statistics updated once
+    everything has succeeded."""
+    ew, ebw, ebb, dw, dbw, dbb, pw, pbw, pbb = params
+    stats, h = [], x
+    convs = [(ew, ebw, ebb, {}, _RELU6), (dw, dbw, dbb, dict(stride=stride, padding=1,
+                                                            groups=dw.size(0)), _RELU6),
+             (pw, pbw, pbb, {}, 0)]
+    modules = [None if p is None else p[1] for p in stages]
+    for (w, bw, bb, conv_args, act), module in zip(convs, modules):
+        if w is None:
+            stats.append(None)
+            continue
+        pre_norm = F.conv2d(h, w, **conv_args)
+        h, mean, var = ops.batch_norm(pre_norm, bw, bb, None, None, True, module.eps, act)
+        stats.append((mean, var, h.numel() // h.size(1)))
+    for module, stat in zip(modules, stats):
+        if module is None or not module.track_running_stats or module.running_mean is None:
+            continue
+        update_running_stats(module.running_mean, module.running_var, *stat, _momentum(module))
+        if module.num_batches_tracked is not None:
+            module.num_batches_tracked.add_(1)
+    return (h + x if residual else h), pre_norm, [None if st is None else st[:2] for st in stats]
+
+
 class _RecomputedTrainBlock(torch.autograd.Function):
-    """Training forward without a graph, saving only the input and the
-    parameters; the backward recomputes the block from them (the same batch,
-    hence the same batch statistics) and differentiates it."""
+    """Training forward without a graph, saving the input, the projection's
+    pre-norm output (both bottleneck-sized), the parameters and the batch
+    statistics (C values per batch norm); the backward recomputes the
+    expanded activations from them and runs the convolution and batch-norm
+    backward ops down the chain."""
 
     @staticmethod
     def forward(ctx, stages, stride, residual, x, *params):
-        ctx.stages, ctx.stride, ctx.residual = stages, stride, residual
-        ctx.save_for_backward(x, *params)
-        return _train_block(x, params, stages, stride, residual, update=True)
+        out, h3, stats = _stats_forward(x, params, stages, stride, residual)
+        flat = [t for st in stats for t in (st if st is not None else (None, None))]
+        ctx.save_for_backward(x, h3, *params, *flat)
+        ctx.stride, ctx.residual = stride, residual
+        ctx.eps = [None if p is None else p[1].eps for p in stages]
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        x, h3, ew, ebw, ebb, dw, dbw, dbb, pw, pbw, pbb, *flat = ctx.saved_tensors
+        (m1, v1), (m2, v2), (m3, v3) = zip(flat[0::2], flat[1::2])
         needs = ctx.needs_input_grad[3:]
-        # Fresh leaves: saved-tensor hooks may hand back other objects.
-        inputs = [None if t is None else t.detach().requires_grad_(n)
-                  for t, n in zip(ctx.saved_tensors, needs)]
-        wanted = [t for t, n in zip(inputs, needs) if n]
-        with torch.enable_grad():
-            y = _train_block(inputs[0], inputs[1:], ctx.stages, ctx.stride, ctx.residual,
-                             update=False)
-            found = iter(torch.autograd.grad(y, wanted, grad_out))
-        return (None, None, None, *[next(found) if n else None for n in needs])
+        s = ctx.stride
+        # The activations, recomputed with the forward's statistics.
+        h1 = a1 = None
+        if ew is not None:
+            h1 = F.conv2d(x, ew)
+            a1 = ops.batch_norm_elemt(h1, ebw, ebb, m1, v1, ctx.eps[0], _RELU6)
+        dw_in = x if ew is None else a1
+        h2 = F.conv2d(dw_in, dw, None, s, 1, groups=dw.size(0))
+        a2 = ops.batch_norm_elemt(h2, dbw, dbb, m2, v2, ctx.eps[1], _RELU6)
+
+        def conv_backward(g, inp, w, stride, padding, groups, need_input, need_weight):
+            return torch.ops.aten.convolution_backward(
+                g, inp, w, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], groups,
+                [need_input, need_weight, False])[:2]
+
+        def bn_backward(g, h, w, b, mean, var, eps, act, need_w, need_b):
+            gi, gw, gb = ops.batch_norm_backward(g, h, w, b, mean, var, True, eps, act,
+                                                 [True, need_w, need_b])
+            return gi, (gw if need_w else None), (gb if need_b else None)
+
+        dh3, g_pbw, g_pbb = bn_backward(grad_out, h3, pbw, pbb, m3, v3, ctx.eps[2], 0,
+                                        needs[8], needs[9])
+        da2, g_pw = conv_backward(dh3, a2, pw, 1, 0, 1, True, needs[7])
+        dh2, g_dbw, g_dbb = bn_backward(da2, h2, dbw, dbb, m2, v2, ctx.eps[1], _RELU6,
+                                        needs[5], needs[6])
+        need_dw_in = needs[0] or ew is not None
+        d_in, g_dw = conv_backward(dh2, dw_in, dw, s, 1, dw.size(0), need_dw_in, needs[4])
+        g_ew = g_ebw = g_ebb = None
+        dx = d_in
+        if ew is not None:
+            dh1, g_ebw, g_ebb = bn_backward(d_in, h1, ebw, ebb, m1, v1, ctx.eps[0], _RELU6,
+                                            needs[2], needs[3])
+            dx, g_ew = conv_backward(dh1, x, ew, 1, 0, 1, needs[0], needs[1])
+        if needs[0] and ctx.residual:
+            dx = dx + grad_out
+        grads = [dx if needs[0] else None, g_ew, g_ebw, g_ebb, g_dw, g_dbw, g_dbb, g_pw, g_pbw,
+                 g_pbb]
+        return (None, None, None, *grads)
 
 
 class InvertedResidual(nn.Module):
