@@ -38,7 +38,7 @@ def _inverted_residual_stride(module: torch.nn.Module):
     structure: a `conv` Sequential of [1x1 conv, BN, ReLU6], [3x3 depthwise,
     BN, ReLU6], 1x1 conv, BN, and a `use_res_connect` that matches it), else
     None."""
-    if type(module) is nnops.InvertedResidual or not hasattr(module, "use_res_connect"):
+    if not hasattr(module, "use_res_connect"):
         return None
     found = block_stages(getattr(module, "conv", None))
     if found is None:
@@ -62,9 +62,10 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
     blocks = [(m, s) for m in model.modules()
               if (s := _inverted_residual_stride(m)) is not None]
     in_blocks = {id(sub) for block, _ in blocks for sub in block.conv.modules()}
-    for block, stride in blocks:
-        block.__class__ = nnops.InvertedResidual
-        block.stride, block.memory_efficient = stride, True
+    for block, stride in blocks:  # normops' own blocks included: nothing inside them fuses
+        if type(block) is not nnops.InvertedResidual:
+            block.__class__ = nnops.InvertedResidual
+            block.stride, block.memory_efficient = stride, True
     for module in model.modules():
         if isinstance(module, torch.nn.Sequential) and id(module) not in in_blocks:
             _fuse_activations(module)

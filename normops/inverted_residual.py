@@ -109,6 +109,19 @@ def _stage_params(stages) -> List[Optional[Tensor]]:
     return out
 
 
+def _check_values_per_channel(x: Tensor, stages, stride: int) -> None:
+    """Batch statistics need more than one value per channel, at every
+    stage: checked before any stage runs, so no running statistic moves."""
+    N, _, H, W = x.shape
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    sizes = [None if stages[0] is None else (N, stages[0][0].out_channels, H, W),
+             (N, stages[1][0].out_channels, Ho, Wo), (N, stages[2][0].out_channels, Ho, Wo)]
+    for size in filter(None, sizes):
+        if size[0] * size[2] * size[3] == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input "
+                             f"size {torch.Size(size)}")
+
+
 def _train_block(x: Tensor, params, stages, stride: int, residual: bool, update: bool) -> Tensor:
     """The block in training mode on torch convolutions and normops batch
     norms (ReLU6 fused into the first two), with the given parameter tensors
@@ -116,7 +129,8 @@ def _train_block(x: Tensor, params, stages, stride: int, residual: bool, update:
     statistics of the modules move only when `update`."""
 
     def bn(h, weight, bias, module, activation):
-        track = update and module.track_running_stats and module.running_mean is not None
+        track = (update and module.training and module.track_running_stats
+                 and module.running_mean is not None)
         out = _batch_norm(h, module.running_mean if track else None,
                           module.running_var if track else None, weight, bias, True,
                           _momentum(module) if track else 0.0, module.eps, activation=activation)
@@ -152,7 +166,8 @@ def _stats_forward(x: Tensor, params, stages, stride: int, residual: bool):
         h, mean, var = ops.batch_norm(pre_norm, bw, bb, None, None, True, module.eps, act)
         stats.append((mean, var, h.numel() // h.size(1)))
     for module, stat in zip(modules, stats):
-        if module is None or not module.track_running_stats or module.running_mean is None:
+        if (module is None or not module.training or not module.track_running_stats
+                or module.running_mean is None):
             continue
         update_running_stats(module.running_mean, module.running_var, *stat, _momentum(module))
         if module.num_batches_tracked is not None:
@@ -251,15 +266,19 @@ class InvertedResidual(nn.Module):
         return f"memory_efficient={self.memory_efficient}"
 
     def _folded(self, stages) -> List[Optional[Tensor]]:
-        """Folded weights and biases, cached while no parameter or running
-        statistic changes (tensor versions), unless they carry a graph."""
+        """Folded weights and biases, cached while no parameter, running
+        statistic or eps changes (tensor versions), unless they carry a graph
+        or are inference tensors (no version counter)."""
         tensors = [t for pair in stages if pair is not None for m in pair
                    for t in (m.weight, getattr(m, "bias", None), getattr(m, "running_mean", None),
                              getattr(m, "running_var", None)) if t is not None]
         differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        cacheable = not differentiable and not torch.compiler.is_compiling()
-        key = (tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-               if cacheable else None)
+        cacheable = not (differentiable or torch.compiler.is_compiling()
+                         or any(t.is_inference() for t in tensors))
+        key = None
+        if cacheable:
+            key = (tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors),
+                   tuple(bn.eps for _, bn in filter(None, stages)))
         cached = getattr(self, "_fold_cache", None)
         if key is not None and cached is not None and cached[0] == key:
             return cached[1]
@@ -272,20 +291,26 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         found = block_stages(self.conv)
-        fusable = found is not None and x.dim() == 4 and x.device.type == "cpu"
-        if fusable:
+        if found is not None and x.dim() == 4 and x.device.type == "cpu":
             stages, stride = found
-            if self.training:
+            norms = [bn for _, bn in filter(None, stages)]
+            # Each batch norm's own mode decides, as in the unfused block
+            # (a frozen BN in a training model uses its running statistics).
+            batch_stats = [bn.training or bn.running_mean is None for bn in norms]
+            if all(batch_stats):
+                _check_values_per_channel(x, stages, stride)
                 params = _stage_params(stages)
-                # Dynamo cannot trace the recomputing backward (autograd.grad):
-                # compiled, the graph is recorded and AOTAutograd's partitioner
-                # chooses what to save.
-                if self.memory_efficient and not torch.compiler.is_compiling():
+                # The recomputing backward needs the graph-free forward to be
+                # the whole computation: under autocast the casts would be
+                # lost, and Dynamo cannot trace the backward; there the graph
+                # is recorded (AOTAutograd's partitioner chooses what to save).
+                if (self.memory_efficient and not torch.compiler.is_compiling()
+                        and not torch.is_autocast_enabled(x.device.type)):
                     return _RecomputedTrainBlock.apply(stages, stride, self.use_res_connect, x,
                                                        *params)
                 return _train_block(x, params, stages, stride, self.use_res_connect,
                                     update=True)
-            if all(bn.running_mean is not None for _, bn in filter(None, stages)):
+            if not any(batch_stats):
                 return ops.inverted_residual(x, *self._folded(stages), stride,
                                              self.use_res_connect)
         y = self.conv(x)

@@ -21,12 +21,14 @@ def _make_divisible(v: float, divisor: int, min_value: Optional[int] = None) -> 
     return new_v
 
 
-def _conv_bn_relu6(inp: int, oup: int, kernel: int, stride: int) -> nn.Sequential:
-    """Conv2dNormActivation's children and keys, the ReLU6 fused into the
-    batch norm (its slot keeps an Identity)."""
-    return nn.Sequential(
-        nn.Conv2d(inp, oup, kernel, stride, (kernel - 1) // 2, bias=False),
-        BatchNormAct2d(oup, activation="relu6"), nn.Identity())
+def _conv_bn_relu6(inp: int, oup: int, kernel: int, stride: int,
+                   norm_layer: Optional[Callable[..., nn.Module]]) -> nn.Sequential:
+    """Conv2dNormActivation's children and keys; with the default norm layer
+    the ReLU6 is fused into the batch norm (its slot keeps an Identity)."""
+    conv = nn.Conv2d(inp, oup, kernel, stride, (kernel - 1) // 2, bias=False)
+    if norm_layer is None:
+        return nn.Sequential(conv, BatchNormAct2d(oup, activation="relu6"), nn.Identity())
+    return nn.Sequential(conv, norm_layer(oup), nn.ReLU6(inplace=True))
 
 
 class MobileNetV2(nn.Module):
@@ -52,7 +54,7 @@ class MobileNetV2(nn.Module):
                              f"list, got {inverted_residual_setting}")
         input_channel = _make_divisible(input_channel * width_mult, round_nearest)
         self.last_channel = _make_divisible(last_channel * max(1.0, width_mult), round_nearest)
-        features: List[nn.Module] = [_conv_bn_relu6(3, input_channel, 3, 2)]
+        features: List[nn.Module] = [_conv_bn_relu6(3, input_channel, 3, 2, norm_layer)]
         kwargs = {} if norm_layer is None else {"norm_layer": norm_layer}
         for t, c, n, s in inverted_residual_setting:
             output_channel = _make_divisible(c * width_mult, round_nearest)
@@ -60,7 +62,7 @@ class MobileNetV2(nn.Module):
                 features.append(block(input_channel, output_channel, s if i == 0 else 1,
                                       expand_ratio=t, **kwargs))
                 input_channel = output_channel
-        features.append(_conv_bn_relu6(input_channel, self.last_channel, 1, 1))
+        features.append(_conv_bn_relu6(input_channel, self.last_channel, 1, 1, norm_layer))
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout),
                                         nn.Linear(self.last_channel, num_classes))

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .sync_batch_norm import sync_batch_norm, world_size
+from .sync_batch_norm import check_sync_input_dim, sync_batch_norm, world_size
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "SyncBatchNorm", "LayerNorm",
@@ -100,10 +100,9 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
         self.activation = activation
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-        if input.size(1) == 0:
-            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+        if self.training and world_size(self.process_group) > 1:
+            return  # checked inside the collective's guard: every rank then raises
+        check_sync_input_dim(input)
 
     def _batch_norm(self, input, running_mean, running_var, use_batch_stats, momentum):
         if self.training and use_batch_stats and world_size(self.process_group) > 1:

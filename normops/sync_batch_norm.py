@@ -34,8 +34,18 @@ def world_size(process_group) -> int:
     return dist.get_world_size(process_group)
 
 
+def check_sync_input_dim(input: Tensor) -> None:
+    """torch.nn.SyncBatchNorm's input checks, with its messages."""
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    if input.size(1) == 0:
+        raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+
+
 def _check_args(input: Tensor, weight, bias, running_mean, running_var, num_features: int):
-    """What would make the elementwise step fail after the collective."""
+    """The module's input checks and what would make the elementwise step
+    fail after the collective."""
+    check_sync_input_dim(input)
     if not input.is_floating_point():
         raise TypeError(f"SyncBatchNorm: expected a floating point input, but got {input.dtype}")
     if input.size(1) != num_features:

@@ -112,6 +112,60 @@ def test_train_momentum_none_and_no_grad_updates_running_stats():
         assert_close(bo.double(), br.double())
 
 
+@pytest.mark.parametrize("block_training", [True, False])
+def test_each_batch_norm_mode_decides(block_training):
+    """A frozen (eval) batch norm inside a training block uses its running
+    statistics and keeps them, as in the unfused block; and the reverse."""
+    ours, ref = make_pair((8, 8, 1, 6))
+    for m in (ours, ref):
+        m.train(block_training)
+        for i, bn in enumerate(b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)):
+            bn.train(not block_training if i != 1 else block_training)
+    _train_compare(ours, ref, make_input((2, 8, 5, 6), torch.float64), torch.float64)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_one_value_per_channel_in_training_raises(memory_efficient):
+    for cfg, size in (((8, 8, 1, 6), (1, 8, 1, 1)), ((8, 16, 2, 6), (1, 8, 2, 2))):
+        ours, _ = make_pair(cfg, memory_efficient=memory_efficient)
+        before = copy.deepcopy(ours.state_dict())
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            ours(torch.randn(size, dtype=torch.float64))
+        for k, v in ours.state_dict().items():
+            assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_under_cpu_autocast_matches_torchvision_block(training):
+    ours, ref = make_pair((8, 8, 1, 6), torch.float32)
+    ours.train(training), ref.train(training)
+    x = make_input((2, 8, 6, 5), torch.float32)
+    outs = []
+    for m in (ours, ref):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(xi)
+        y.float().square().sum().backward()
+        outs.append((y, xi.grad))
+    assert outs[0][0].dtype == outs[1][0].dtype
+    assert_close(outs[0][0].float(), outs[1][0].float(), dtype=torch.bfloat16, rtol=5e-2,
+                 atol=5e-2)
+    assert_close(outs[0][1], outs[1][1], dtype=torch.bfloat16, rtol=1e-1, atol=1e-1)
+
+
+def test_eval_under_inference_mode_and_eps_changes():
+    ours, ref = make_pair((8, 8, 1, 6))
+    ours.eval(), ref.eval()
+    x = make_input((2, 8, 5, 5), torch.float64)
+    with torch.no_grad():
+        assert_close(ours(x), ref(x))
+        ours.conv[1][1].eps = ref.conv[1][1].eps = 0.5
+        assert_close(ours(x), ref(x))
+    with torch.inference_mode():
+        frozen, frozen_ref = copy.deepcopy(ours), copy.deepcopy(ref)
+        assert_close(frozen(x), frozen_ref(x))
+
+
 def test_eval_fold_cache_follows_parameter_and_buffer_changes():
     ours, ref = make_pair((16, 16, 1, 6))
     ours.eval(), ref.eval()
@@ -286,11 +340,24 @@ def test_convert_recognises_torchvision_blocks_by_structure():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
+    # Converting again, or converting normops' own network, keeps every block fused.
+    from normops.inverted_residual import block_stages
+    for net in (normops.convert(model), normops.convert(normops.models.mobilenet_v2())):
+        blocks = [m for m in net.modules() if isinstance(m, normops.nn.InvertedResidual)]
+        assert len(blocks) == 17 and all(block_stages(b.conv) is not None for b in blocks)
     # A block whose structure differs (here a ReLU instead of ReLU6) is left alone.
     odd = ref_models.InvertedResidual(8, 8, 1, 6)
     odd.conv[0][2] = torch.nn.ReLU()
     normops.convert(odd)
     assert type(odd) is ref_models.InvertedResidual
+
+
+def test_mobilenet_v2_norm_layer_reaches_every_layer():
+    import functools
+    net = normops.models.mobilenet_v2(norm_layer=functools.partial(torch.nn.BatchNorm2d, eps=1e-3))
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.eps == 1e-3 for m in norms)
+    assert list(net.state_dict()) == list(ref_models.MobileNetV2().state_dict())
 
 
 def test_mobilenet_v2_matches_torchvision_network():

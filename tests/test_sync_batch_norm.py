@@ -106,9 +106,11 @@ def test_matches_batch_norm_on_global_batch(rank_failures, case):
     assert not found, found
 
 
-def _one_rank_bad_channels(rank, size):
+def _one_rank_bad_input(rank, size, kind):
     m = normops.nn.SyncBatchNorm(C)
     x = torch.randn(4, C + (rank == 1), 3, 3)
+    if kind == "1d" and rank == 1:
+        x = torch.randn(C)
     try:
         m(x)
     except Exception as e:
@@ -119,11 +121,15 @@ def _one_rank_bad_channels(rank, size):
     return None
 
 
-def test_bad_input_on_one_rank_raises_on_every_rank():
-    results = ok_values(run_ranks(_one_rank_bad_channels, 3, timeout_s=120))
+@pytest.mark.parametrize("kind", ["channels", "1d"])
+def test_bad_input_on_one_rank_raises_on_every_rank(kind):
+    results = ok_values(run_ranks(_one_rank_bad_input, 3, kind, timeout_s=120))
     assert all(r is not None for r in results), results
-    kind, msg, untouched = results[1]
-    assert kind == "RuntimeError" and f"expected input with {C} channels" in msg
+    error, msg, untouched = results[1]
+    if kind == "channels":
+        assert error == "RuntimeError" and f"expected input with {C} channels" in msg
+    else:
+        assert error == "ValueError" and "expected at least 2D input (got 1D input)" in msg
     for r in (0, 2):
         assert results[r][0] == "RuntimeError" and "failed on rank(s) [1]" in results[r][1]
     assert all(r[2] for r in results), "a failed call moved the running statistics"

@@ -74,6 +74,9 @@ class PackCache {
         return entries_.front().packed;
       }
     }
+    // Entries of freed weights can never match again (eval with weights that
+    // require grad folds new ones on every call): drop them.
+    entries_.remove_if([](const Entry& e) { return e.expired(); });
     Entry entry{acc, cols, {}, make()};
     for (const Tensor& w : weights)
       entry.parts.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()),
@@ -95,6 +98,11 @@ class PackCache {
     int64_t cols;
     std::vector<Part> parts;
     Packed packed;
+    bool expired() const {
+      for (const Part& part : parts)
+        if (part.alive.expired()) return true;
+      return false;
+    }
     bool holds(const std::vector<Tensor>& weights, at::ScalarType a, int64_t c) const {
       if (acc != a || cols != c || parts.size() != weights.size()) return false;
       for (size_t i = 0; i < parts.size(); ++i) {

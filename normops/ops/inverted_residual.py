@@ -5,7 +5,7 @@ kept), so it also serves double backward."""
 import torch
 import torch.nn.functional as F
 
-from ._common import check_devices, torch_grads
+from ._common import acc_dtype, check_devices, torch_grads
 
 ops = torch.ops.normops
 
@@ -50,8 +50,15 @@ def _backward(ctx, grad_out):
     needs = list(ctx.needs_input_grad[:7])
     # A graph through the recomputation only when the backward is itself
     # differentiated (create_graph=True).
-    grads = torch_grads(lambda *t: reference(*t, ctx.stride, ctx.residual), tensors, needs,
-                        grad_out, create_graph=torch.is_grad_enabled())
+    # In the kernel's dtype: a bfloat16/float16 input may come with float32
+    # weights, which torch's convolutions do not mix.
+    acc = acc_dtype(tensors[0].dtype)
+
+    def recompute(*t):
+        return reference(*(None if v is None else v.to(acc) for v in t), ctx.stride,
+                         ctx.residual)
+    grads = torch_grads(recompute, tensors, needs, grad_out.to(acc),
+                        create_graph=torch.is_grad_enabled())
     return (*grads, None, None)
 
 
