@@ -45,7 +45,7 @@ def test_state_dict_and_attributes_match_torchvision():
 
 @pytest.mark.parametrize("cfg", BLOCKS, ids=block_id)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_eval_matches_torchvision_block(cfg, dtype, layout):
     ours, ref = make_pair(cfg, dtype)
     ours.eval(), ref.eval()

@@ -4,8 +4,8 @@
 // buffer: expand (GEMM + ReLU6) only the rows not kept from the previous
 // step, depthwise + ReLU6 into a second buffer, project (GEMM) and write the
 // output with the residual. The expanded tensor never exists in full: the
-// buffers hold a few rows, in L2. Computed in channels_last, in float
-// (float64 for float64 input).
+// buffers hold a few rows, in L2. Computed in float (float64 for float64
+// input), reading and writing NCHW or channels_last in place.
 #include <torch/library.h>
 
 #include <cstring>
@@ -125,25 +125,38 @@ class PackCache {
   std::list<Entry> entries_;
 };
 
+// Element offsets of an image, a channel and a pixel (h * W + w) in a
+// (N, C, H, W) tensor: NCHW planes or channels_last rows, read and written
+// in place (no layout copy around the kernel).
+struct Strides {
+  int64_t n, c, p;
+  static Strides of(const Tensor& t) {
+    const int64_t C = t.size(1), HW = t.size(2) * t.size(3);
+    return t.is_contiguous() ? Strides{C * HW, HW, 1} : Strides{C * HW, 1, C};
+  }
+};
+
 // One task: image n, output rows [r_begin, r_end), hidden channels
 // [h0, h1) (multiples of the GEMM column block). With all the hidden channels
 // it writes y (+ bias and residual); with a chunk of them it writes that
-// chunk's share of the projection, without bias, to `partial`.
+// chunk's share of the projection, without bias, pixel-major to `partial`.
 struct Task {
   int64_t n, r_begin, r_end, chunk, h0, h1;
 };
 
 template <typename A>
 void run_task(const Kernels<A>& k, const Dims& d, const Packed& p, bool residual, const A* x,
-              const Task& t, A* y, A* partial, const A* zeros) {
+              Strides xs, const Task& t, A* y, Strides ys, A* partial, const A* zeros) {
   const int64_t s = d.stride, W = d.W, Hp = p.hidden_pad, Op = p.out_pad;
   const int64_t Hc = t.h1 - t.h0;
   const bool whole = Hc == Hp;
   const int64_t step = std::min(std::max<int64_t>(1, kPixelsPerStep / d.Wo), t.r_end - t.r_begin);
-  const int64_t row_elems = W * Hc;
-  std::vector<A> expanded(((step - 1) * s + 3) * row_elems), dw(step * d.Wo * Hc);
+  const int64_t row_elems = W * Hc, max_rows = (step - 1) * s + 3;
+  std::vector<A> expanded(max_rows * row_elems), dw(step * d.Wo * Hc);
   std::vector<A> proj(whole ? step * d.Wo * Op : 0);
-  const A* xn = x + t.n * d.H * W * d.C_in;
+  std::vector<A> rows_in(xs.c == 1 ? 0 : max_rows * W * d.C_in);  // NCHW input, as rows
+  const A* xn = x + t.n * xs.n;
+  A* yn = y + t.n * ys.n;
   int64_t kept_lo = 0, kept_n = 0;  // input rows [kept_lo, kept_lo + kept_n) in `expanded`
   for (int64_t r = t.r_begin; r < t.r_end; r += step) {
     const int64_t g = std::min(step, t.r_end - r);
@@ -158,6 +171,14 @@ void run_task(const Kernels<A>& k, const Dims& d, const Packed& p, bool residual
     const int64_t first = lo + reused, count = hi + 1 - first;
     A* dst = expanded.data() + reused * row_elems;
     const A* src = xn + first * W * d.C_in;
+    if (xs.c != 1) {  // gather the planes' rows into channels-innermost rows
+      for (int64_t c = 0; c < d.C_in; ++c) {
+        const A* __restrict plane = xn + c * xs.c + first * W;
+        A* __restrict row = rows_in.data() + c;
+        for (int64_t i = 0; i < count * W; ++i) row[i * d.C_in] = plane[i];
+      }
+      src = rows_in.data();
+    }
     if (p.expand_w.defined()) {
       k.gemm_bias_act[2](src, count * W, d.C_in, d.C_in, ptr<const A>(p.expand_w) + t.h0, Hp,
                          Hc, ptr<const A>(p.expand_b) + t.h0, dst);
@@ -178,25 +199,34 @@ void run_task(const Kernels<A>& k, const Dims& d, const Packed& p, bool residual
       k.depthwise3x3_row[2](rows, W, d.Wo, s, Hc, ptr<const A>(p.dw_w) + t.h0, Hp,
                             ptr<const A>(p.dw_b) + t.h0, dw.data() + j * d.Wo * Hc);
     }
-    const int64_t pixels = g * d.Wo, first_pixel = (t.n * d.Ho + r) * d.Wo;
+    const int64_t pixels = g * d.Wo, p0 = r * d.Wo;  // p0: first output pixel in the image
     const A* pw = ptr<const A>(p.project_w) + t.h0 * Op;
     if (!whole) {
       const int64_t all_pixels = d.N * d.Ho * d.Wo;
       k.gemm_bias_act[0](dw.data(), pixels, Hc, Hc, pw, Op, Op, zeros,
-                         partial + (t.chunk * all_pixels + first_pixel) * Op);
+                         partial + (t.chunk * all_pixels + t.n * d.Ho * d.Wo + p0) * Op);
       continue;
     }
     k.gemm_bias_act[0](dw.data(), pixels, Hc, Hc, pw, Op, Op, ptr<const A>(p.project_b),
                        proj.data());
-    A* out = y + first_pixel * d.C_out;
-    const A* res = residual ? xn + r * W * d.C_in : nullptr;  // stride 1: same pixels
-    for (int64_t i = 0; i < pixels; ++i) {
-      const A* __restrict pr = proj.data() + i * Op;
-      A* __restrict o = out + i * d.C_out;
-      if (res != nullptr) {
-        for (int64_t c = 0; c < d.C_out; ++c) o[c] = pr[c] + res[i * d.C_in + c];
-      } else {
-        std::memcpy(o, pr, d.C_out * sizeof(A));
+    // The residual (stride 1) reads the input at the same pixels. The output
+    // has the input's layout: channels_last rows or NCHW planes for both.
+    if (ys.c == 1) {
+      for (int64_t i = 0; i < pixels; ++i) {
+        const A* __restrict pr = proj.data() + i * Op;
+        A* __restrict o = yn + (p0 + i) * ys.p;
+        if (residual) {
+          const A* __restrict xr = xn + (p0 + i) * xs.p;
+          for (int64_t c = 0; c < d.C_out; ++c) o[c] = pr[c] + xr[c];
+        } else {
+          std::memcpy(o, pr, d.C_out * sizeof(A));
+        }
+      }
+    } else {
+      for (int64_t c = 0; c < d.C_out; ++c) {
+        A* __restrict o = yn + c * ys.c + p0;
+        const A* __restrict xr = xn + c * xs.c + p0;
+        for (int64_t i = 0; i < pixels; ++i) o[i] = proj[i * Op + c] + (residual ? xr[i] : A(0));
       }
     }
   }
@@ -204,17 +234,17 @@ void run_task(const Kernels<A>& k, const Dims& d, const Packed& p, bool residual
 
 // y = sum of the chunks' partial projections + bias (+ residual).
 template <typename A>
-void reduce_chunks(const Dims& d, const Packed& p, bool residual, const A* x, const A* partial,
-                   int64_t chunks, A* y) {
-  const int64_t pixels = d.N * d.Ho * d.Wo, Op = p.out_pad;
+void reduce_chunks(const Dims& d, const Packed& p, bool residual, const A* x, Strides xs,
+                   const A* partial, int64_t chunks, A* y, Strides ys) {
+  const int64_t image = d.Ho * d.Wo, pixels = d.N * image, Op = p.out_pad;
   const A* bias = ptr<const A>(p.project_b);
   at::parallel_for(0, pixels, 256, [&](int64_t p0, int64_t p1) {
     for (int64_t i = p0; i < p1; ++i) {
-      A* __restrict o = y + i * d.C_out;
-      for (int64_t c = 0; c < d.C_out; ++c) o[c] = bias[c] + (residual ? x[i * d.C_in + c] : A(0));
-      for (int64_t ch = 0; ch < chunks; ++ch) {
-        const A* __restrict part = partial + (ch * pixels + i) * Op;
-        for (int64_t c = 0; c < d.C_out; ++c) o[c] += part[c];
+      const int64_t n = i / image, px = i % image;
+      for (int64_t c = 0; c < d.C_out; ++c) {
+        A v = bias[c] + (residual ? x[n * xs.n + c * xs.c + px * xs.p] : A(0));
+        for (int64_t ch = 0; ch < chunks; ++ch) v += partial[(ch * pixels + i) * Op + c];
+        y[n * ys.n + c * ys.c + px * ys.p] = v;
       }
     }
   });
@@ -253,10 +283,12 @@ Tensor inverted_residual(const Tensor& input, const OptTensor& expand_weight,
   if (d.N == 0)
     return at::empty({0, d.C_out, d.Ho, d.Wo}, input.options().memory_format(out_format));
   const auto acc = acc_dtype(input.scalar_type());
-  // The kernels read channels_last rows in the accumulation dtype.
-  Tensor x = input.to(acc).contiguous(at::MemoryFormat::ChannelsLast);
-  Tensor y = at::empty({d.N, d.C_out, d.Ho, d.Wo},
-                       x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  // In the accumulation dtype, NCHW or channels_last as given (others
+  // copied to NCHW); the output in the input's layout.
+  Tensor x = input.to(acc);
+  if (!x.is_contiguous() && !x.is_contiguous(at::MemoryFormat::ChannelsLast)) x = x.contiguous();
+  Tensor y = at::empty({d.N, d.C_out, d.Ho, d.Wo}, x.options().memory_format(out_format));
+  const Strides xs = Strides::of(x), ys = Strides::of(y);
   const auto run = [&](auto tag) {
     using A = typename decltype(tag)::type;
     const auto& k = kernels<A>();
@@ -279,16 +311,17 @@ Tensor inverted_residual(const Tensor& input, const OptTensor& expand_weight,
     A* pp = chunks > 1 ? ptr<A>(partial) : nullptr;
     const A* pz = chunks > 1 ? ptr<const A>(zeros) : nullptr;
     at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) run_task<A>(k, d, p, residual, px, tasks[t], py, pp, pz);
+      for (int64_t t = t0; t < t1; ++t)
+        run_task<A>(k, d, p, residual, px, xs, tasks[t], py, ys, pp, pz);
     });
-    if (chunks > 1) reduce_chunks<A>(d, p, residual, px, pp, chunks, py);
+    if (chunks > 1) reduce_chunks<A>(d, p, residual, px, xs, pp, chunks, py, ys);
   };
   if (acc == at::kDouble) {
     run(Tag<double>{});
   } else {
     run(Tag<float>{});
   }
-  return y.to(input.scalar_type()).contiguous(out_format);
+  return y.to(input.scalar_type());
 }
 
 }  // namespace
