@@ -34,6 +34,22 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             (a,) = torch.autograd.grad(y, xl, gy.to(dtype))
             (b,) = torch.autograd.grad(yr, xr, gy)
             torch.testing.assert_close(a.double(), b, **tol)
+# The inverted residual's GEMM and depthwise tiles (hidden 45 and 96: a
+# one-vector last panel, and chunks at batch 1), NCHW and channels_last.
+from normops.ops.inverted_residual import reference
+for dtype in (torch.float32, torch.float64):
+    for (cin, cout, s, t, n) in ((15, 15, 1, 3, 2), (16, 24, 2, 6, 1)):
+        hid = cin * t
+        w = [torch.randn(hid, cin, dtype=dtype) * 0.3, torch.randn(hid, dtype=dtype),
+             torch.randn(hid, 3, 3, dtype=dtype) * 0.3, torch.randn(hid, dtype=dtype),
+             torch.randn(cout, hid, dtype=dtype) * 0.1, torch.randn(cout, dtype=dtype)]
+        for cl in (False, True):
+            x = torch.randn(n, cin, 9, 7, dtype=dtype)
+            if cl:
+                x = x.to(memory_format=torch.channels_last)
+            args = (x, *w, s, s == 1 and cin == cout)
+            torch.testing.assert_close(torch.ops.normops.inverted_residual(*args),
+                                       reference(*args), rtol=1e-4, atol=1e-4)
 print("ok")
 """
 

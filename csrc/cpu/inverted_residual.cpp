@@ -22,7 +22,8 @@ namespace {
 
 using namespace inverted_residual;
 
-constexpr int64_t kPixelsPerStep = 192;  // output pixels per project GEMM
+constexpr int64_t kPixelsPerStep = 192;    // output pixels per project GEMM
+constexpr int64_t kMinChunkChannels = 64;  // narrower chunks make narrow GEMMs
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -258,7 +259,8 @@ std::vector<Task> plan(const Dims& d, int64_t hidden_pad, int64_t cols, int64_t*
   const int64_t wanted = 2 * at::get_num_threads();
   const int64_t col_blocks = hidden_pad / cols;
   *chunks = d.N >= wanted ? 1
-                          : std::min((wanted + d.N - 1) / d.N, std::max<int64_t>(1, col_blocks / 2));
+                          : std::min((wanted + d.N - 1) / d.N,
+                                     std::max<int64_t>(1, hidden_pad / kMinChunkChannels));
   const int64_t bands = std::min(std::max<int64_t>(1, (wanted + d.N * *chunks - 1) / (d.N * *chunks)),
                                  std::max<int64_t>(1, d.Ho / 2));
   std::vector<Task> tasks;

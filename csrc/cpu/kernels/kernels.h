@@ -95,8 +95,8 @@ struct Kernels {
                                    A* dbeta);
 
   // Inverted residual (eval) stages, on row-major A buffers whose channel
-  // counts are multiples of gemm_cols (zero weights and biases in the
-  // padding, so padded channels stay 0).
+  // counts are multiples of gemm_cols, one vector (zero weights and biases
+  // in the padding, so padded channels stay 0).
   int64_t gemm_cols;
   // c (M x N, row stride N) = act(a (M x K, row stride lda) * wt (K x N,
   // row stride ldw) + bias).

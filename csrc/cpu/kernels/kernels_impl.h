@@ -425,50 +425,60 @@ NORMOPS_INLINE vec_t<A> vactivate(vec_t<A> v) {
   return v;
 }
 
-template <typename A, int MR, Act act>
+// An MR x (NV vectors) register tile of c = act(a * wt + bias).
+template <typename A, int MR, int NV, Act act>
 NORMOPS_INLINE void gemm_tile(const A* __restrict a, int64_t lda, const A* __restrict wt,
                               int64_t ldw, int64_t K, const A* __restrict bias,
                               A* __restrict c, int64_t ldc) {
   using V = vec_t<A>;
   constexpr int64_t L = kVecLen<A>;
-  V acc[MR][2];
-  const V b0 = vload(bias), b1 = vload(bias + L);
-  for (int i = 0; i < MR; ++i) acc[i][0] = b0, acc[i][1] = b1;
+  V acc[MR][NV];
+  for (int v = 0; v < NV; ++v) {
+    const V b = vload(bias + v * L);
+    for (int i = 0; i < MR; ++i) acc[i][v] = b;
+  }
   for (int64_t k = 0; k < K; ++k) {
-    const V w0 = vload(wt + k * ldw), w1 = vload(wt + k * ldw + L);
+    V w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = vload(wt + k * ldw + v * L);
     for (int i = 0; i < MR; ++i) {
       const A av = a[i * lda + k];
-      acc[i][0] += av * w0;
-      acc[i][1] += av * w1;
+      for (int v = 0; v < NV; ++v) acc[i][v] += av * w[v];
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    vstore(c + i * ldc, vactivate<act, A>(acc[i][0]));
-    vstore(c + i * ldc + L, vactivate<act, A>(acc[i][1]));
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) vstore(c + i * ldc + v * L, vactivate<act, A>(acc[i][v]));
+}
+
+// One column panel (NV vectors wide) over all the rows of a.
+template <typename A, int NV, Act act>
+NORMOPS_INLINE void gemm_panel(const A* a, int64_t M, int64_t K, int64_t lda, const A* wt,
+                               int64_t ldw, const A* bias, A* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + kGemmRows <= M; i += kGemmRows)
+    gemm_tile<A, kGemmRows, NV, act>(a + i * lda, lda, wt, ldw, K, bias, c + i * ldc, ldc);
+  const A* at = a + i * lda;
+  A* ct = c + i * ldc;
+  switch (M - i) {
+    case 5: gemm_tile<A, 5, NV, act>(at, lda, wt, ldw, K, bias, ct, ldc); break;
+    case 4: gemm_tile<A, 4, NV, act>(at, lda, wt, ldw, K, bias, ct, ldc); break;
+    case 3: gemm_tile<A, 3, NV, act>(at, lda, wt, ldw, K, bias, ct, ldc); break;
+    case 2: gemm_tile<A, 2, NV, act>(at, lda, wt, ldw, K, bias, ct, ldc); break;
+    case 1: gemm_tile<A, 1, NV, act>(at, lda, wt, ldw, K, bias, ct, ldc); break;
+    default: break;
   }
 }
 
 template <typename A, Act act>
 void gemm_bias_act(const A* a, int64_t M, int64_t K, int64_t lda, const A* wt, int64_t ldw,
                    int64_t N, const A* bias, A* c) {
-  constexpr int64_t NR = 2 * kVecLen<A>;
-  // Column panels outside: a K x NR panel of wt stays in L1/L2 while every
-  // row tile of a passes over it.
-  for (int64_t j = 0; j < N; j += NR) {
-    int64_t i = 0;
-    for (; i + kGemmRows <= M; i += kGemmRows)
-      gemm_tile<A, kGemmRows, act>(a + i * lda, lda, wt + j, ldw, K, bias + j, c + i * N + j, N);
-    const A* at = a + i * lda;
-    A* ct = c + i * N + j;
-    switch (M - i) {
-      case 5: gemm_tile<A, 5, act>(at, lda, wt + j, ldw, K, bias + j, ct, N); break;
-      case 4: gemm_tile<A, 4, act>(at, lda, wt + j, ldw, K, bias + j, ct, N); break;
-      case 3: gemm_tile<A, 3, act>(at, lda, wt + j, ldw, K, bias + j, ct, N); break;
-      case 2: gemm_tile<A, 2, act>(at, lda, wt + j, ldw, K, bias + j, ct, N); break;
-      case 1: gemm_tile<A, 1, act>(at, lda, wt + j, ldw, K, bias + j, ct, N); break;
-      default: break;
-    }
-  }
+  constexpr int64_t L = kVecLen<A>;
+  // Column panels outside: a K x 2L panel of wt stays in L1/L2 while every
+  // row tile of a passes over it; N is a multiple of L, so an odd last
+  // vector gets a one-vector panel.
+  int64_t j = 0;
+  for (; j + 2 * L <= N; j += 2 * L)
+    gemm_panel<A, 2, act>(a, M, K, lda, wt + j, ldw, bias + j, c + j, N);
+  if (j < N) gemm_panel<A, 1, act>(a, M, K, lda, wt + j, ldw, bias + j, c + j, N);
 }
 
 template <typename A, Act act>
@@ -512,7 +522,7 @@ const Kernels<T>& kernel_table() {
        &row_grad_input<T, Act::ReLU6>},
       &layer_norm_rows<T>,
       &layer_norm_backward_rows<T>,
-      2 * kVecLen<acc_t<T>>,
+      kVecLen<acc_t<T>>,
       {&gemm_bias_act<acc_t<T>, Act::None>, &gemm_bias_act<acc_t<T>, Act::ReLU>,
        &gemm_bias_act<acc_t<T>, Act::ReLU6>},
       {&depthwise3x3_row<acc_t<T>, Act::None>, &depthwise3x3_row<acc_t<T>, Act::ReLU>,
