@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import batch_norm as _batch_norm
 from .functional import update_running_stats
 
 ops = torch.ops.normops
@@ -122,36 +121,14 @@ def _check_values_per_channel(x: Tensor, stages, stride: int) -> None:
                              f"size {torch.Size(size)}")
 
 
-def _train_block(x: Tensor, params, stages, stride: int, residual: bool, update: bool) -> Tensor:
-    """The block in training mode on torch convolutions and normops batch
-    norms (ReLU6 fused into the first two), with the given parameter tensors
-    (those of `stages`' modules, or their saved copies). The running
-    statistics of the modules move only when `update`."""
-
-    def bn(h, weight, bias, module, activation):
-        track = (update and module.training and module.track_running_stats
-                 and module.running_mean is not None)
-        out = _batch_norm(h, module.running_mean if track else None,
-                          module.running_var if track else None, weight, bias, True,
-                          _momentum(module) if track else 0.0, module.eps, activation=activation)
-        if track and module.num_batches_tracked is not None:
-            module.num_batches_tracked.add_(1)
-        return out
-
-    ew, ebw, ebb, dw, dbw, dbb, pw, pbw, pbb = params
-    h = x
-    if ew is not None:
-        h = bn(F.conv2d(h, ew), ebw, ebb, stages[0][1], "relu6")
-    h = bn(F.conv2d(h, dw, None, stride, 1, groups=dw.size(0)), dbw, dbb, stages[1][1], "relu6")
-    y = bn(F.conv2d(h, pw), pbw, pbb, stages[2][1], None)
-    return y + x if residual else y
-
-
-def _stats_forward(x: Tensor, params, stages, stride: int, residual: bool):
-    """The training forward without a graph, on the normops batch-norm op:
-    the output, the projection's pre-norm output (bottleneck-sized), the three
-    batch norms' batch (mean, var), and the running statistics updated once
-    everything has succeeded."""
+def _train_forward(x: Tensor, params, stages, stride: int, residual: bool):
+    """The block in training mode: torch convolutions and the normops
+    batch-norm op (ReLU6 fused into the first two), with the given parameter
+    tensors. Returns the output, the projection's pre-norm output
+    (bottleneck-sized), the three batch norms' batch (mean, var); moves the
+    running statistics once everything has succeeded. With grad enabled it
+    records the graph (the op is differentiable: memory_efficient=False);
+    _RecomputedTrainBlock runs it without."""
     ew, ebw, ebb, dw, dbw, dbb, pw, pbw, pbb = params
     stats, h = [], x
     convs = [(ew, ebw, ebb, {}, _RELU6), (dw, dbw, dbb, dict(stride=stride, padding=1,
@@ -184,7 +161,7 @@ class _RecomputedTrainBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, stages, stride, residual, x, *params):
-        out, h3, stats = _stats_forward(x, params, stages, stride, residual)
+        out, h3, stats = _train_forward(x, params, stages, stride, residual)
         flat = [t for st in stats for t in (st if st is not None else (None, None))]
         ctx.save_for_backward(x, h3, *params, *flat)
         ctx.stride, ctx.residual = stride, residual
@@ -308,8 +285,7 @@ class InvertedResidual(nn.Module):
                         and not torch.is_autocast_enabled(x.device.type)):
                     return _RecomputedTrainBlock.apply(stages, stride, self.use_res_connect, x,
                                                        *params)
-                return _train_block(x, params, stages, stride, self.use_res_connect,
-                                    update=True)
+                return _train_forward(x, params, stages, stride, self.use_res_connect)[0]
             if not any(batch_stats):
                 return ops.inverted_residual(x, *self._folded(stages), stride,
                                              self.use_res_connect)
