@@ -73,21 +73,6 @@ def _hand_folded(block):
     return lambda x: folded_block(x, *weights, stride, block.use_res_connect)
 
 
-def saved_bytes(module, x):
-    """Bytes of the activations the forward saves for the backward (the
-    parameters, saved by reference, not counted)."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    total = [0]
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            total[0] += t.numel() * t.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return total[0]
-
-
 def _train_step(module, x, g):
     def step(_):
         xi = x.detach().requires_grad_()
@@ -128,7 +113,7 @@ def run_block(cfg, batch, layout, sampling, timer, with_compile):
                      "eager": _train_step(ref, x, g)}, timer, sampling)
     med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
     xg = x.detach().requires_grad_()
-    saved = {k: saved_bytes(m, xg) for k, m in
+    saved = {k: reference_models.saved_activation_bytes(m, xg) for k, m in
              (("normops", ours), ("normops_keep", keep), ("eager", ref))}
     rows.append({"pass": "train", **{f"{k}_ms": v for k, v in med.items()},
                  "x_eager": med["eager"] / med["normops"],

@@ -53,6 +53,14 @@ def grads(out, inputs, grad_out):
     return torch.autograd.grad(out, inputs, grad_out)
 
 
+def assert_grads_close(y, expected, inputs):
+    """Gradients of y and of the reference output `expected` (both built
+    from `inputs`) for one random output gradient."""
+    g = torch.randn_like(expected)
+    for a, e in zip(grads(y, inputs, g), grads(expected, inputs, g)):
+        assert_close(a, e, grad=True)
+
+
 def step_and_compare(ours, ref, x, act=None, steps=2, dtype=None):
     """Runs both modules `steps` times on x (as a leaf needing grad) and
     compares outputs, input and parameter gradients, and buffers after every

@@ -67,3 +67,18 @@ def randomize_norms(model, generator=None):
                 m.running_mean.uniform_(-0.5, 0.5, generator=generator)
                 m.running_var.uniform_(0.5, 2.0, generator=generator)
     return model
+
+
+def saved_activation_bytes(module, x):
+    """Bytes of the tensors module(x) saves for its backward (saved-tensor
+    hooks), parameters excepted: they are saved by reference."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    total = [0]
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            total[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return total[0]

@@ -193,19 +193,7 @@ def test_eval_gradients_flow_to_parameters_and_input():
 def test_saved_activations_of_memory_efficient_training():
     """The memory-efficient backward keeps bottleneck-sized tensors, against
     the expanded activations torch.nn keeps."""
-    def saved_bytes(model, x):
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        total = [0]
-
-        def pack(t):  # activations only: parameters are saved by reference
-            if t.untyped_storage().data_ptr() not in params:
-                total[0] += t.numel() * t.element_size()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = model(x)  # what the forward saves for the backward
-        y.sum().backward()
-        return total[0]
-
+    saved_bytes = ref_models.saved_activation_bytes
     cfg = (24, 24, 1, 6)
     x = make_input((4, 24, 28, 28), torch.float32, layout="channels_last").requires_grad_()
     ours, ref = make_pair(cfg, torch.float32)
