@@ -16,6 +16,13 @@ __all__ = [
 ]
 
 
+def _bias_kwarg(bias: bool) -> dict:
+    """torch's keyword-only `bias=` of the batch norms (torch >= 2.12), passed
+    only when not the default: an older torch then builds the module as it
+    always did, and refuses bias=False as torch.nn itself does there."""
+    return {} if bias else {"bias": False}
+
+
 class _BatchNormForward:
     """torch's _BatchNorm.forward on normops.functional.batch_norm, with the
     module's fused activation (None for plain batch norm). num_batches_tracked
@@ -70,7 +77,7 @@ class BatchNormAct2d(BatchNorm2d):
                  bias: bool = True) -> None:
         F._activation_code(activation)
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype, bias=bias)
+                         device=device, dtype=dtype, **_bias_kwarg(bias))
         self.activation = activation
 
     def extra_repr(self) -> str:
@@ -95,7 +102,7 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
                  activation: Optional[str] = None) -> None:
         F._activation_code(activation)
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype, bias=bias)
+                         device=device, dtype=dtype, **_bias_kwarg(bias))
         self.process_group = process_group
         self.activation = activation
 

@@ -1,9 +1,16 @@
 """Shared test helpers: devices, layouts, tolerances."""
+import inspect
+
 import pytest
 import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 devices = pytest.mark.parametrize("device", DEVICES)
+
+# torch.nn's batch norms take `bias=` from torch 2.12 on (the GPU machine has 2.11).
+needs_bn_bias_arg = pytest.mark.skipif(
+    "bias" not in inspect.signature(torch.nn.BatchNorm2d.__init__).parameters,
+    reason=f"torch {torch.__version__}'s BatchNorm2d has no bias= argument")
 
 # (rtol, atol) of a result against a float64 reference on the same input.
 TOL = {

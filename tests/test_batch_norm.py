@@ -8,7 +8,8 @@ import torch.nn.functional as TF
 
 import normops
 import normops.functional as NF
-from helpers import LAYOUTS, assert_close, devices, make_input, step_and_compare
+from helpers import (LAYOUTS, assert_close, devices, make_input, needs_bn_bias_arg,
+                     step_and_compare)
 
 SHAPES_2D = [(4, 3, 5, 5), (1, 6, 7, 3), (2, 5, 1, 3), (3, 2, 1, 1), (5, 17, 9, 11), (2, 64, 4, 4)]
 
@@ -64,7 +65,8 @@ def test_batchnorm3d(device, layout):
 
 @devices
 @pytest.mark.parametrize("momentum", [0.1, None, 0.0])
-@pytest.mark.parametrize("kw", [dict(), dict(affine=False), dict(bias=False),
+@pytest.mark.parametrize("kw", [dict(), dict(affine=False),
+                                pytest.param(dict(bias=False), marks=needs_bn_bias_arg),
                                 dict(track_running_stats=False)])
 def test_batchnorm_flags(device, momentum, kw):
     ours, ref = modules("BatchNorm2d", 4, torch.float64, device, momentum=momentum, **kw)
@@ -130,6 +132,10 @@ def test_batchnorm_act2d_signature_and_errors():
     assert m.activation == "relu" and "activation='relu'" in repr(m)
     with pytest.raises(ValueError, match="activation"):
         normops.nn.BatchNormAct2d(3, activation="gelu")
+
+
+@needs_bn_bias_arg
+def test_batchnorm_act2d_without_bias():
     no_bias = normops.nn.BatchNormAct2d(3, activation="relu6", bias=False)
     assert no_bias.bias is None
     assert list(no_bias.state_dict()) == list(torch.nn.BatchNorm2d(3, bias=False).state_dict())
@@ -287,3 +293,38 @@ def test_no_grad_training_updates_running_stats():
     with torch.no_grad():
         ours(x), ref(x)
     assert_close(ours.running_var, ref.running_var)
+
+
+@devices
+@pytest.mark.parametrize("running_dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("count", [0, 1, 9])
+def test_update_running_stats(device, running_dtype, count):
+    mean, var = torch.randn(6, device=device), torch.rand(6, device=device)
+    rm = torch.randn(6, device=device, dtype=running_dtype)
+    rv = torch.rand(6, device=device, dtype=running_dtype)
+    unbias = count / max(count - 1, 1)
+    want_m = rm.double() * 0.7 + mean.double() * 0.3 if count else rm.double()
+    want_v = rv.double() * 0.7 + var.double() * unbias * 0.3 if count else rv.double()
+    torch.ops.normops.update_running_stats(rm, rv, mean, var, 0.3, count)
+    tol = dict(rtol=1e-2, atol=1e-2) if running_dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(rm.double(), want_m, **tol)
+    torch.testing.assert_close(rv.double(), want_v, **tol)
+
+
+def test_update_running_stats_bad_input_writes_nothing():
+    rm, rv = torch.zeros(4), torch.ones(4)
+    with pytest.raises(RuntimeError, match="running_var"):
+        torch.ops.normops.update_running_stats(rm, torch.ones(5), torch.ones(4), torch.ones(4), 0.5, 3)
+    with pytest.raises(RuntimeError, match="mean and var"):
+        torch.ops.normops.update_running_stats(rm, rv, torch.ones(4), torch.ones(3), 0.5, 3)
+    assert rm.eq(0).all() and rv.eq(1).all()
+
+
+def test_update_running_stats_bumps_versions():
+    # Caches keyed on tensor versions (the inverted residual's folded
+    # weights) must see the kernel's write.
+    rm, rv = torch.zeros(3), torch.ones(3)
+    versions = rm._version, rv._version
+    with torch.no_grad():
+        torch.ops.normops.update_running_stats(rm, rv, torch.ones(3), torch.ones(3), 0.1, 5)
+    assert rm._version > versions[0] and rv._version > versions[1]
