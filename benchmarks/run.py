@@ -302,7 +302,7 @@ def stats_ms(t: np.ndarray) -> Dict[str, float]:
 
 
 def run_case(case: Case, thread_counts: Sequence[int], device: str, sampling: Sampling,
-             timer, cap: int) -> Iterator[List[dict]]:
+             timer, cap: int, dtype: torch.dtype = torch.float32) -> Iterator[List[dict]]:
     """Time one case at each thread count; yields that thread count's rows
     (fwd, fwd+bwd). Inputs and copy buffers are built once per case."""
     torch.manual_seed(0)
@@ -310,7 +310,8 @@ def run_case(case: Case, thread_counts: Sequence[int], device: str, sampling: Sa
     eager = {impl: make(impl) for impl in ("normops", "aten")}
     fmt = {"memory_format": (torch.channels_last if len(case.shape) == 4
                              else torch.channels_last_3d)} if case.channels_last else {}
-    x0, dy0 = (torch.randn(case.shape, device=device).to(**fmt) for _ in range(2))
+    # Parameters stay float32 beside half inputs: the mixed precision of AMP.
+    x0, dy0 = (torch.randn(case.shape, device=device).to(dtype=dtype, **fmt) for _ in range(2))
     x_bytes = x0.numel() * x0.element_size()
     n = rotation_count(2 * x_bytes, cap // 3)   # a slot holds x and dy
     xs = [x0.clone().requires_grad_() for _ in range(n)]
@@ -434,6 +435,7 @@ def metadata(args, threads: List[int]) -> dict:
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "argv": sys.orig_argv, "mode": "full" if args.full else "quick", "device": args.device,
+        "dtype": args.dtype,
         "platform": platform.platform(), "cpu_model": cpu, "logical_cpus": os.cpu_count(),
         "cuda_device": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "python": platform.python_version(), "torch": torch.__version__,
@@ -473,7 +475,7 @@ def plot(rows: List[dict], path: Path, meta: dict) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("speedup of normops vs ATen eager (ATen time / normops time), log scale")
     ax.set_title(f"normops vs ATen: {meta['cpu_model']}, torch {meta['torch']}, "
-                 f"{meta['device']}", fontsize=9)
+                 f"{meta['device']}, {meta['dtype']} inputs", fontsize=9)
     ax.legend(loc="lower right")
     ax.grid(axis="x", which="both", alpha=0.3)
     fig.tight_layout()
@@ -483,7 +485,7 @@ def plot(rows: List[dict], path: Path, meta: dict) -> None:
 
 def write_outputs(rows: List[dict], meta: dict, summary: List[str], out: Path) -> List[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench-{meta['device']}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    stem = out / f"bench-{meta['device']}-{meta['dtype']}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     paths = [stem.with_suffix(s) for s in (".csv", ".json", ".png")]
     with paths[0].open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -505,6 +507,8 @@ def parse_args(argv=None):
     p.add_argument("--ops", default=",".join(FAMILIES), help=f"subset of {','.join(FAMILIES)}")
     p.add_argument("--out", type=Path, default=HERE / "results", help="output folder")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="input dtype (parameters stay float32, as under autocast)")
     p.add_argument("--shapes", type=Path, default=HERE / "shapes.json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -530,7 +534,8 @@ def main(argv=None) -> None:
     cases = load_cases(args.shapes, args.ops, args.full)
     timer, cap = make_timer(args.device), memory_cap(args.device)
     meta = metadata(args, args.threads)
-    log(f"normops benchmark ({meta['mode']}): {len(cases)} cases x threads {args.threads} on "
+    log(f"normops benchmark ({meta['mode']}, {args.dtype}): {len(cases)} cases x threads "
+        f"{args.threads} on "
         f"{args.device} ({meta['cpu_model']}, normops {meta['normops_cpu_capability']}); "
         f"malloc env {'set' if all(meta['malloc_env'].values()) else 'NOT set'}")
     if (busy := meta["background_cpu_busy_start"] or 0) > 0.1:
@@ -539,7 +544,8 @@ def main(argv=None) -> None:
     rows, total, t_start, k = [], len(cases) * len(args.threads), time.perf_counter(), 0
     for case in cases:
         t0 = time.perf_counter()
-        for new in run_case(case, args.threads, args.device, sampling, timer, cap):
+        for new in run_case(case, args.threads, args.device, sampling, timer, cap,
+                            getattr(torch, args.dtype)):
             k += 1
             log(f"[{k:>3}/{total}] {case.name} t={new[0]['threads']}:"
                 + "".join(f"  {r['pass']} x{_f(r['speedup_aten'], '.2f')}" for r in new)

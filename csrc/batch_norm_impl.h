@@ -6,8 +6,9 @@
 //
 // BatchNormOps<B> is instantiated per backend (csrc/cpu/batch_norm.cpp,
 // csrc/cuda/batch_norm.cu). B provides the channel drivers (moments, affine,
-// grad_sums, grad_input; see csrc/cpu/channel_norm.h) and, when kFused, a
-// fused forward and backward used where use_fused(view) says.
+// grad_sums, grad_input; see csrc/cpu/channel_norm.h), fold (the per-channel
+// constants), update_running, and, when kFused, a training forward and
+// backward of its own, used where use_fused(view) says.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -48,8 +49,9 @@ struct Folded {
   Tensor mean, invstd, weight, acc_mean, acc_scale, acc_bias;
 };
 
-inline Folded fold(const Tensor& mean, const Tensor& var, const OptTensor& weight,
-                   const OptTensor& bias, double eps, at::ScalarType acc) {
+// fold() through ATen ops: what a backend without a kernel of its own uses.
+inline Folded fold_aten(const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                        const OptTensor& bias, double eps, at::ScalarType acc) {
   const int64_t C = mean.size(0);
   Folded f;
   f.mean = mean.to(at::kDouble).contiguous();
@@ -61,6 +63,24 @@ inline Folded fold(const Tensor& mean, const Tensor& var, const OptTensor& weigh
   f.acc_scale = (f.invstd * w).to(acc);
   f.acc_bias = acc_vector(bias, C, f.mean.options().dtype(acc), 0.0);
   return f;
+}
+
+// Weight or bias gradient: the parameter's dtype (the input's when it is
+// absent), 0 elements when not wanted.
+inline Tensor param_grad(const Tensor& input, bool wanted, const OptTensor& param,
+                         const Tensor& value) {
+  const auto dt = present(param) ? param->scalar_type() : input.scalar_type();
+  return wanted ? value.to(dt) : at::empty({0}, input.options().dtype(dt));
+}
+
+inline void check_running(const Tensor& mean, const OptTensor& running, const char* name) {
+  if (!present(running)) return;
+  check_same_device(mean, *running, kOp, name);
+  TORCH_CHECK(running->dim() == 1 && running->numel() == mean.numel() && running->is_contiguous() &&
+                  at::isFloatingType(running->scalar_type()),
+              kOp, ": expected ", name, " to be a contiguous floating point vector of ",
+              mean.numel(), " values, but got ", running->scalar_type(), " of shape ",
+              running->sizes());
 }
 
 template <class B>
@@ -75,7 +95,7 @@ struct BatchNormOps {
                     const Tensor& mean, const Tensor& var, double eps, int act) {
     Tensor out = like(v);
     const auto acc = acc_dtype(v.x.scalar_type());
-    Folded f = fold(mean, var, weight, bias, eps, acc);
+    Folded f = B::fold(mean, var, weight, bias, eps, acc);
     B::affine(v, out, f.acc_mean, f.acc_scale, f.acc_bias, /*per_sample=*/false, act);
     return out;
   }
@@ -161,7 +181,7 @@ struct BatchNormOps {
     const int act = act_index(activation);
     ChannelView v = channel_view(input);
     const auto acc = acc_dtype(input.scalar_type());
-    Folded f = fold(mean, var, weight, bias, eps, acc);
+    Folded f = B::fold(mean, var, weight, bias, eps, acc);
     auto sums = reduce_impl(v, match_layout(grad_out, v), f, act);
     return {sums.first.to(acc), sums.second.to(acc)};
   }
@@ -175,7 +195,7 @@ struct BatchNormOps {
     check_stat(input, mean_dy_xmu, "mean_dy_xmu");
     const int act = act_index(activation);
     ChannelView v = channel_view(input);
-    Folded f = fold(mean, var, weight, bias, eps, acc_dtype(input.scalar_type()));
+    Folded f = B::fold(mean, var, weight, bias, eps, acc_dtype(input.scalar_type()));
     return grad_input_impl(v, match_layout(grad_out, v), f, mean_dy, mean_dy_xmu, act);
   }
 
@@ -187,37 +207,49 @@ struct BatchNormOps {
     const int act = act_index(activation);
     ChannelView v = channel_view(input);
     Tensor dy = match_layout(grad_out, v);
+    if constexpr (B::kFused) {
+      if (training && output_mask[0] && B::use_fused(v))
+        return B::backward_fused(v, dy, weight, bias, mean, var, eps, act, output_mask);
+    }
     const auto acc = acc_dtype(input.scalar_type());
-    Folded f = fold(mean, var, weight, bias, eps, acc);
+    Folded f = B::fold(mean, var, weight, bias, eps, acc);
     const int64_t C = v.C;
     const auto dopts = f.mean.options();
     Tensor sum_dy = at::zeros({C}, dopts), sum_dy_xmu = at::zeros({C}, dopts);
-    Tensor grad_input;
-    bool fused = false;
-    if constexpr (B::kFused) {
-      fused = training && output_mask[0] && B::use_fused(v);
-      if (fused) grad_input = B::backward_fused(v, dy, f, act, sum_dy, sum_dy_xmu);
+    if (training || output_mask[1] || output_mask[2]) {
+      std::tie(sum_dy, sum_dy_xmu) = reduce_impl(v, dy, f, act);
     }
-    if (!fused) {
-      if (training || output_mask[1] || output_mask[2]) {
-        std::tie(sum_dy, sum_dy_xmu) = reduce_impl(v, dy, f, act);
-      }
-      const int64_t count = v.N * v.HW;
-      const bool batch_stats = training && count > 0;
-      grad_input = !output_mask[0] ? at::empty({0}, input.options())
-                                   : grad_input_impl(v, dy, f,
-                                                     batch_stats ? sum_dy / double(count) : at::zeros({C}, dopts),
-                                                     batch_stats ? sum_dy_xmu / double(count) : at::zeros({C}, dopts),
-                                                     act);
-    }
-    // A parameter gradient has the parameter's dtype (the input's when absent).
-    const auto param_grad = [&](bool wanted, const OptTensor& p, const Tensor& value) {
-      const auto dt = present(p) ? p->scalar_type() : input.scalar_type();
-      return wanted ? value.to(dt) : at::empty({0}, input.options().dtype(dt));
-    };
-    Tensor grad_weight = param_grad(output_mask[1], weight, sum_dy_xmu * f.invstd);
-    Tensor grad_bias = param_grad(output_mask[2], bias, sum_dy);
-    return {grad_input, grad_weight, grad_bias};
+    const int64_t count = v.N * v.HW;
+    const bool batch_stats = training && count > 0;
+    Tensor grad_input =
+        !output_mask[0]
+            ? at::empty({0}, input.options())
+            : grad_input_impl(v, dy, f, batch_stats ? sum_dy / double(count) : at::zeros({C}, dopts),
+                              batch_stats ? sum_dy_xmu / double(count) : at::zeros({C}, dopts), act);
+    return {grad_input, param_grad(input, output_mask[1], weight, sum_dy_xmu * f.invstd),
+            param_grad(input, output_mask[2], bias, sum_dy)};
+  }
+
+  // running = (1 - momentum) * running + momentum * statistic, with the
+  // variance made unbiased (count / (count - 1)); nothing for an empty batch.
+  static void update_running_stats(const OptTensor& running_mean, const OptTensor& running_var,
+                                   const Tensor& mean, const Tensor& var, double momentum,
+                                   int64_t count) {
+    TORCH_CHECK(mean.dim() == 1 && var.sizes() == mean.sizes() &&
+                    var.scalar_type() == mean.scalar_type() && mean.is_contiguous() &&
+                    var.is_contiguous() && at::isFloatingType(mean.scalar_type()),
+                kOp, ": expected mean and var to be contiguous floating point vectors of one "
+                "shape and dtype, but got ", mean.sizes(), " and ", var.sizes());
+    check_same_device(mean, var, kOp, "var");
+    check_running(mean, running_mean, "running_mean");
+    check_running(mean, running_var, "running_var");
+    if (count <= 0 || mean.numel() == 0) return;
+    const double unbias = double(count) / double(std::max<int64_t>(count - 1, 1));
+    B::update_running(running_mean, running_var, mean, var, momentum, unbias);
+    // A kernel's write is invisible to autograd: bump the version counters as
+    // an ATen in-place op does (caches keyed on them, saved-tensor checks).
+    for (const OptTensor* t : {&running_mean, &running_var})
+      if (present(*t)) (*t)->unsafeGetTensorImpl()->bump_version();
   }
 
 };
@@ -232,6 +264,7 @@ void register_kernels(torch::Library& m) {
   m.impl("batch_norm_backward_elemt", &Ops::batch_norm_backward_elemt);
   m.impl("batch_norm", &Ops::batch_norm);
   m.impl("batch_norm_backward", &Ops::batch_norm_backward);
+  m.impl("update_running_stats", &Ops::update_running_stats);
 }
 
 }  // namespace batch_norm

@@ -5,7 +5,8 @@
 //
 // GroupNormOps<B> is instantiated per backend (csrc/cpu/group_norm.cpp,
 // csrc/cuda/group_norm.cu); B provides the channel drivers and, when
-// kFused, a fused forward and backward used where use_fused(view, G) says.
+// kFused, a forward and backward of its own used where use_fused(view, G)
+// says.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -39,6 +40,51 @@ inline Tensor per_channel(const Tensor& per_group, int64_t N, int64_t C, int64_t
   return per_group.reshape({N, G, 1}).expand({N, G, C / G}).reshape({N * C}).contiguous();
 }
 
+// The forward with (mean, rstd) [N, G] and the parameters in double, filled
+// by pass(v, G, out, w, b, eps, mean, rstd); returns them in the
+// accumulation dtype.
+template <class Pass>
+std::tuple<Tensor, Tensor, Tensor> forward_in_double(const ChannelView& v, int64_t G,
+                                                     const OptTensor& weight,
+                                                     const OptTensor& bias, double eps,
+                                                     Pass pass) {
+  const auto acc = acc_dtype(v.x.scalar_type());
+  const auto dopts = v.x.options().dtype(at::kDouble);
+  Tensor out = like(v);
+  Tensor mean = at::zeros({v.N, G}, dopts), rstd = at::zeros({v.N, G}, dopts);
+  Tensor w = acc_vector(weight, v.C, dopts, 1.0), b = acc_vector(bias, v.C, dopts, 0.0);
+  if (v.x.numel() > 0) pass(v, G, out, w, b, eps, mean, rstd);
+  return {out, mean.to(acc), rstd.to(acc)};
+}
+
+// The backward in double: pass(v, G, dy, dx, mean, rstd, w, need_dx, sum_dy,
+// sum_dy_xmu) fills dx and the per-(n, c) sums [N*C], from which the
+// parameter gradients follow.
+template <class Pass>
+std::tuple<Tensor, Tensor, Tensor> backward_in_double(const ChannelView& v, int64_t G,
+                                                      const Tensor& dy, const Tensor& mean,
+                                                      const Tensor& rstd, const OptTensor& weight,
+                                                      std::array<bool, 3> output_mask, Pass pass) {
+  const int64_t N = v.N, C = v.C;
+  const auto dopts = v.x.options().dtype(at::kDouble);
+  Tensor mean_d = mean.to(at::kDouble).reshape({N, G}).contiguous();
+  Tensor rstd_d = rstd.to(at::kDouble).reshape({N, G}).contiguous();
+  Tensor w = acc_vector(weight, C, dopts, 1.0);
+  Tensor grad_input = output_mask[0] ? like(v) : at::empty({0}, v.x.options());
+  Tensor sum_dy = at::zeros({N * C}, dopts), sum_dy_xmu = at::zeros({N * C}, dopts);
+  if (v.x.numel() > 0)
+    pass(v, G, dy, grad_input, mean_d, rstd_d, w, output_mask[0], sum_dy, sum_dy_xmu);
+  // Parameter gradients have the weight's dtype (the input's without one).
+  const auto param_dtype = present(weight) ? weight->scalar_type() : v.x.scalar_type();
+  Tensor rstd_c = per_channel(rstd_d, N, C, G).view({N, C});
+  Tensor grad_weight = output_mask[1]
+                           ? (sum_dy_xmu.view({N, C}) * rstd_c).sum(0).to(param_dtype)
+                           : at::empty({0}, v.x.options().dtype(param_dtype));
+  Tensor grad_bias = output_mask[2] ? sum_dy.view({N, C}).sum(0).to(param_dtype)
+                                    : at::empty({0}, v.x.options().dtype(param_dtype));
+  return {grad_input, grad_weight, grad_bias};
+}
+
 template <class B>
 struct GroupNormOps {
   // Forward through the drivers: per-(n, c) moments (HW values each) merged
@@ -64,21 +110,11 @@ struct GroupNormOps {
                                                        const OptTensor& bias, double eps) {
     check_gn(input, groups, weight, bias);
     ChannelView v = channel_view(input);
-    const int64_t N = v.N, C = v.C, G = groups;
-    const auto acc = acc_dtype(input.scalar_type());
-    Tensor out = like(v);
-    const auto dopts = input.options().dtype(at::kDouble);
-    Tensor mean = at::zeros({N, G}, dopts), rstd = at::zeros({N, G}, dopts);
-    Tensor w = acc_vector(weight, C, dopts, 1.0), b = acc_vector(bias, C, dopts, 0.0);
-    if (v.x.numel() > 0) {
-      bool fused = false;
-      if constexpr (B::kFused) {
-        fused = B::use_fused(v, G);
-        if (fused) B::forward_fused(v, G, out, w, b, eps, mean, rstd);
-      }
-      if (!fused) forward_by_pass(v, G, out, w, b, eps, mean, rstd);
+    if constexpr (B::kFused) {
+      if (v.x.numel() > 0 && B::use_fused(v, groups))
+        return B::forward_fused(v, groups, weight, bias, eps);
     }
-    return {out, mean.to(acc), rstd.to(acc)};
+    return forward_in_double(v, groups, weight, bias, eps, &forward_by_pass);
   }
 
   // dx = rstd*w*dy - rstd^3 * E[dy*w*(x-mean)] * (x-mean) - rstd * E[dy*w],
@@ -113,36 +149,16 @@ struct GroupNormOps {
     TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), kOp,
                 ": expected grad_output to have the input's dtype ", input.scalar_type(),
                 ", but got ", grad_out.scalar_type());
-    const int64_t N = input.size(0), C = input.size(1), G = groups;
+    const int64_t N = input.size(0), G = groups;
     TORCH_CHECK(mean.numel() == N * G && rstd.numel() == N * G, kOp,
                 ": expected mean and rstd of shape [", N, ", ", G, "]");
     ChannelView v = channel_view(input);
     Tensor dy = match_layout(grad_out, v);
-    const auto dopts = input.options().dtype(at::kDouble);
-    Tensor mean_d = mean.to(at::kDouble).reshape({N, G}).contiguous();
-    Tensor rstd_d = rstd.to(at::kDouble).reshape({N, G}).contiguous();
-    Tensor w = acc_vector(weight, C, dopts, 1.0);
-    Tensor grad_input = output_mask[0] ? like(v) : at::empty({0}, input.options());
-    Tensor sum_dy = at::zeros({N * C}, dopts), sum_dy_xmu = at::zeros({N * C}, dopts);
-    if (v.x.numel() > 0) {
-      bool fused = false;
-      if constexpr (B::kFused) {
-        fused = output_mask[0] && B::use_fused(v, G);
-        if (fused) B::backward_fused(v, G, dy, grad_input, mean_d, rstd_d, w, sum_dy, sum_dy_xmu);
-      }
-      if (!fused)
-        backward_by_pass(v, G, dy, grad_input, mean_d, rstd_d, w, output_mask[0], sum_dy,
-                         sum_dy_xmu);
+    if constexpr (B::kFused) {
+      if (v.x.numel() > 0 && output_mask[0] && B::use_fused(v, G))
+        return B::backward_fused(v, G, dy, mean, rstd, weight, output_mask);
     }
-    // Parameter gradients have the weight's dtype (the input's without one).
-    const auto param_dtype = present(weight) ? weight->scalar_type() : input.scalar_type();
-    Tensor rstd_c = per_channel(rstd_d, N, C, G).view({N, C});
-    Tensor grad_weight = output_mask[1]
-                             ? (sum_dy_xmu.view({N, C}) * rstd_c).sum(0).to(param_dtype)
-                             : at::empty({0}, input.options().dtype(param_dtype));
-    Tensor grad_bias = output_mask[2] ? sum_dy.view({N, C}).sum(0).to(param_dtype)
-                                      : at::empty({0}, input.options().dtype(param_dtype));
-    return {grad_input, grad_weight, grad_bias};
+    return backward_in_double(v, G, dy, mean, rstd, weight, output_mask, &backward_by_pass);
   }
 };
 

@@ -70,6 +70,12 @@ NORMOPS_HD A inv_std(A var, A eps) {
   return A(1) / std::sqrt(var + eps);
 }
 
+// Batch norm's running statistic after one batch: torch's exponential
+// average, in double.
+NORMOPS_HD double running_update(double running, double statistic, double momentum) {
+  return (1.0 - momentum) * running + momentum * statistic;
+}
+
 // Activation applied to the pre-activation z, and the mask of where it passes
 // gradient: the backward recomputes z from the saved input instead of keeping
 // the output alive.

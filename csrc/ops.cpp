@@ -32,6 +32,11 @@ TORCH_LIBRARY(normops, m) {
       "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
       "Tensor? running_var, bool training, float eps, int activation=0) -> (Tensor out, "
       "Tensor mean, Tensor var)");
+  // running = (1 - momentum) * running + momentum * batch statistic (the
+  // variance made unbiased with `count` values per channel), in place.
+  m.def(
+      "update_running_stats(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor mean, "
+      "Tensor var, float momentum, int count) -> ()");
   m.def(
       "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor mean, Tensor var, bool training, float eps, int activation, bool[3] output_mask) "

@@ -53,20 +53,23 @@ def _check_floating(input: Tensor, name: str) -> None:
         raise TypeError(f"{name}: expected a floating point input, but got {input.dtype}")
 
 
-def _update_running(running: Optional[Tensor], value: Tensor, momentum: float) -> None:
-    if running is not None:
-        running.mul_(1.0 - momentum).add_(value.to(running.dtype), alpha=momentum)
-
-
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
                          mean: Tensor, var: Tensor, count: int, momentum: float) -> None:
     """Batch norm's running statistics after a batch of `count` values per
     channel with this mean and biased variance: the running variance is the
-    unbiased one. No update for an empty batch."""
-    if count > 0 and (running_mean is not None or running_var is not None):
-        with torch.no_grad():
-            _update_running(running_mean, mean, momentum)
-            _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
+    unbiased one. No update for an empty batch. Eager: one kernel for both.
+    Under torch.compile: ATen ops, which inductor fuses, and which take the
+    symbolic float that momentum=None's 1/num_batches_tracked is there."""
+    if count <= 0 or (running_mean is None and running_var is None):
+        return
+    with torch.no_grad():
+        if not torch.compiler.is_compiling():
+            ops.update_running_stats(running_mean, running_var, mean, var, momentum, count)
+            return
+        unbiased = var * (count / max(count - 1, 1))
+        for running, value in ((running_mean, mean), (running_var, unbiased)):
+            if running is not None:
+                running.mul_(1.0 - momentum).add_(value.to(running.dtype), alpha=momentum)
 
 
 def batch_norm(
@@ -189,7 +192,9 @@ def instance_norm(
         out, mean, rstd = ops.group_norm(input, C, weight, bias, eps)
     if input.numel() > 0 and (running_mean is not None or running_var is not None):
         with torch.no_grad():
-            _update_running(running_mean, mean.mean(0), momentum)
-            var = (rstd.double().pow(-2) - eps).clamp_min(0) * (spatial / (spatial - 1))
-            _update_running(running_var, var.mean(0), momentum)
+            # The batch's mean of the per-instance statistics (biased variance
+            # back from rstd; update_running_stats makes it unbiased).
+            var = (rstd.double().pow(-2) - eps).clamp_min(0).mean(0)
+            update_running_stats(running_mean, running_var, mean.mean(0), var.to(mean.dtype),
+                                 spatial, momentum)
     return out

@@ -81,3 +81,12 @@ def test_opcheck_group_norm(device):
                     g = torch.randn_like(x)
                     torch.library.opcheck(ops.group_norm_backward,
                                           (g, x, groups, mean, rstd, w, [True, True, True]))
+
+
+@devices
+def test_opcheck_update_running_stats(device):
+    mean, var = torch.randn(5, device=device), torch.rand(5, device=device)
+    for running in ((torch.randn(5, device=device), torch.rand(5, device=device) + 0.5),
+                    (None, torch.rand(5, device=device, dtype=torch.float64)),
+                    (torch.randn(5, device=device, dtype=torch.bfloat16), None)):
+        torch.library.opcheck(ops.update_running_stats, (*running, mean, var, 0.1, 7))

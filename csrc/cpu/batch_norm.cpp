@@ -54,9 +54,12 @@ struct CpuBatchNorm : ChannelDrivers {
     return {out, mean, var};
   }
 
-  // The training backward by channel; fills the per-channel sums (double).
-  static Tensor backward_fused(const ChannelView& v, const Tensor& dy, const Folded& f, int act,
-                                const Tensor& sum_dy, const Tensor& sum_dy_xmu) {
+  // The training backward by channel.
+  static std::tuple<Tensor, Tensor, Tensor> backward_fused(
+      const ChannelView& v, const Tensor& dy, const OptTensor& weight, const OptTensor& bias,
+      const Tensor& mean, const Tensor& var, double eps, int act, std::array<bool, 3> mask) {
+    const Folded f = fold(mean, var, weight, bias, eps, acc_dtype(v.x.scalar_type()));
+    Tensor sum_dy = at::empty({v.C}, f.mean.options()), sum_dy_xmu = at::empty_like(sum_dy);
     Tensor dx = like(v);
     const double count = double(v.N * v.HW);
     dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
@@ -80,7 +83,29 @@ struct CpuBatchNorm : ChannelDrivers {
         }
       });
     });
-    return dx;
+    return {dx, batch_norm::param_grad(v.x, mask[1], weight, sum_dy_xmu * f.invstd),
+            batch_norm::param_grad(v.x, mask[2], bias, sum_dy)};
+  }
+
+  static Folded fold(const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                     const OptTensor& bias, double eps, at::ScalarType acc) {
+    return batch_norm::fold_aten(mean, var, weight, bias, eps, acc);
+  }
+
+  static void update_running(const OptTensor& running_mean, const OptTensor& running_var,
+                             const Tensor& mean, const Tensor& var, double momentum,
+                             double unbias) {
+    const Tensor m = mean.to(at::kDouble), q = var.to(at::kDouble);
+    for (const auto& [running, stat, factor] :
+         {std::make_tuple(running_mean, m, 1.0), std::make_tuple(running_var, q, unbias)}) {
+      if (!present(running)) continue;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running->scalar_type(), kOp, [&] {
+        scalar_t* r = running->data_ptr<scalar_t>();
+        const double* s = stat.const_data_ptr<double>();
+        for (int64_t c = 0; c < stat.numel(); ++c)
+          r[c] = static_cast<scalar_t>(running_update(double(r[c]), s[c] * factor, momentum));
+      });
+    }
   }
 };
 

@@ -85,19 +85,33 @@ struct CpuGroupNorm : ChannelDrivers {
   static bool use_fused(const ChannelView& v, int64_t G) {
     return !v.rows && v.N * v.HW > 0 && v.N * G >= at::get_num_threads();
   }
-  static void forward_fused(const ChannelView& v, int64_t G, const Tensor& out, const Tensor& w,
-                            const Tensor& b, double eps, const Tensor& mean, const Tensor& rstd) {
-    dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
-      forward_by_group<typename decltype(tag)::type>(v, G, out, w, b, eps, mean, rstd);
-    });
+  static std::tuple<Tensor, Tensor, Tensor> forward_fused(const ChannelView& v, int64_t G,
+                                                           const OptTensor& weight,
+                                                           const OptTensor& bias, double eps) {
+    return group_norm::forward_in_double(
+        v, G, weight, bias, eps,
+        [](const ChannelView& v, int64_t G, const Tensor& out, const Tensor& w, const Tensor& b,
+           double eps, const Tensor& mean, const Tensor& rstd) {
+          dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
+            forward_by_group<typename decltype(tag)::type>(v, G, out, w, b, eps, mean, rstd);
+          });
+        });
   }
-  static void backward_fused(const ChannelView& v, int64_t G, const Tensor& dy, const Tensor& dx,
-                             const Tensor& mean, const Tensor& rstd, const Tensor& w,
-                             const Tensor& sum_dy, const Tensor& sum_dy_xmu) {
-    dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
-      backward_by_group<typename decltype(tag)::type>(v, G, dy, dx, mean, rstd, w, sum_dy,
-                                                      sum_dy_xmu);
-    });
+  static std::tuple<Tensor, Tensor, Tensor> backward_fused(const ChannelView& v, int64_t G,
+                                                            const Tensor& dy, const Tensor& mean,
+                                                            const Tensor& rstd,
+                                                            const OptTensor& weight,
+                                                            std::array<bool, 3> output_mask) {
+    return group_norm::backward_in_double(
+        v, G, dy, mean, rstd, weight, output_mask,
+        [](const ChannelView& v, int64_t G, const Tensor& dy, const Tensor& dx, const Tensor& mean,
+           const Tensor& rstd, const Tensor& w, bool /*need_dx: always*/, const Tensor& sum_dy,
+           const Tensor& sum_dy_xmu) {
+          dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
+            backward_by_group<typename decltype(tag)::type>(v, G, dy, dx, mean, rstd, w, sum_dy,
+                                                            sum_dy_xmu);
+          });
+        });
   }
 };
 

@@ -13,6 +13,11 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 
+#include <ATen/cuda/detail/IntegerDivider.cuh>
+
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 #include <utility>
 
 #include "../channel_view.h"
@@ -23,6 +28,10 @@ namespace cuda {
 
 constexpr int kRowsPerBlock = 8;  // threadIdx.y extent of the column kernels
 
+inline unsigned blocks_for(int64_t n, int threads = kBlock) {
+  return static_cast<unsigned>(grid_for((n + threads - 1) / threads));
+}
+
 // The pre-activation as the forward stored it (rounded to T), so that the
 // backward's activation mask matches the unfused BatchNorm -> ReLU6.
 template <typename T, typename A>
@@ -30,32 +39,73 @@ __device__ __forceinline__ A as_stored(A z) {
   return static_cast<A>(static_cast<T>(z));
 }
 
-// Constant index of element i: per channel, or per (n, c).
+// Where the constants of element i are: channel c, or (n, c) when per
+// sample; integer divisions by fast multiply-shift dividers (32-bit when the
+// tensor allows it, else plain 64-bit ones).
+template <typename I>
 struct ChannelIndex {
+  at::cuda::detail::IntDivider<I> hw, c, chw;
   bool rows, per_sample;
-  int64_t C, HW;
-  __device__ __forceinline__ int64_t operator()(int64_t i) const {
-    int64_t n, c;
+  I C;
+  __device__ __forceinline__ I operator()(I i) const {
     if (rows) {
-      c = i % C;
-      n = i / C / HW;
-    } else {
-      const int64_t p = i / HW;
-      c = p % C;
-      n = p / C;
+      const I ch = c.divmod(i).mod;
+      return per_sample ? chw.div(i) * C + ch : ch;
     }
-    return per_sample ? n * C + c : c;
+    const I plane = hw.div(i);  // n * C + c
+    return per_sample ? plane : c.divmod(plane).mod;
   }
 };
 
-inline ChannelIndex channel_index(const ChannelView& v, bool per_sample) {
-  return ChannelIndex{v.rows, per_sample, v.C, v.HW};
+template <typename I>
+ChannelIndex<I> channel_index(const ChannelView& v, bool per_sample) {
+  const auto d = [](int64_t n) { return at::cuda::detail::IntDivider<I>(static_cast<I>(n)); };
+  return ChannelIndex<I>{d(v.HW), d(v.C), d(v.C * v.HW), v.rows, per_sample, static_cast<I>(v.C)};
 }
 
-template <typename A>
-struct Triple {
-  A n, mean, m2;
-};
+// The elementwise kernels visit VEC elements at a time: 16 bytes when the
+// pointers are aligned and VEC consecutive elements share a plane (NCHW) or
+// a row (channels_last), so that their constants are one (NCHW) or VEC
+// consecutive (channels_last) entries; f(i, k, step) does elements i.. with
+// constants k, k + step, ...
+template <int VEC, typename I, class F>
+__global__ void channel_map_kernel(I units, ChannelIndex<I> index, F f) {
+  const I step = index.rows ? 1 : 0;
+  for (I u = I(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += I(gridDim.x) * blockDim.x) {
+    const I i = u * VEC;
+    f(i, index(i), step);
+  }
+}
+
+// Runs channel_map_kernel over every element of `v` with the functor that
+// make(std::integral_constant<int, VEC>) returns; `pointers` are the tensors
+// the functor reads and writes, which must be aligned for the vector path.
+template <typename T, class Make>
+void channel_map(const ChannelView& v, bool per_sample, std::initializer_list<const void*> pointers,
+                 Make make) {
+  constexpr int V = kVec<T>;
+  const int64_t numel = v.x.numel();
+  if (numel == 0) return;
+  bool vec = (v.rows ? v.C : v.HW) % V == 0;
+  for (const void* p : pointers) vec = vec && aligned_for(p, int(sizeof(T)) * V);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto launch = [&](auto tag, auto index_tag) {
+    constexpr int VEC = decltype(tag)::value;
+    using I = decltype(index_tag);
+    const int64_t units = numel / VEC;
+    channel_map_kernel<VEC, I><<<blocks_for(units), kBlock, 0, stream>>>(
+        static_cast<I>(units), channel_index<I>(v, per_sample), make(tag));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  const bool small = numel < (int64_t(1) << 31);
+  if (vec) {
+    small ? launch(std::integral_constant<int, V>{}, uint32_t{})
+          : launch(std::integral_constant<int, V>{}, uint64_t{});
+  } else {
+    small ? launch(std::integral_constant<int, 1>{}, uint32_t{})
+          : launch(std::integral_constant<int, 1>{}, uint64_t{});
+  }
+}
 
 // Moments of each plane of HW elements: one block per plane.
 template <typename T, typename A>
@@ -122,10 +172,6 @@ __global__ void merge_moments_kernel(const A* __restrict__ pn, const A* __restri
   }
 }
 
-inline unsigned blocks_for(int64_t n, int threads = kBlock) {
-  return static_cast<unsigned>(grid_for((n + threads - 1) / threads));
-}
-
 // Row splits so that the column kernels fill the GPU.
 inline int64_t row_splits(int64_t rows, int64_t column_blocks, int64_t samples) {
   const int64_t want = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, column_blocks * samples));
@@ -173,17 +219,6 @@ std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample)
   return {mean, m2};
 }
 
-template <Act act, typename T, typename A>
-__global__ void affine_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t numel,
-                              ChannelIndex index, const A* __restrict__ mean,
-                              const A* __restrict__ scale, const A* __restrict__ bias) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t k = index(i);
-    y[i] = static_cast<T>(activate<act>((static_cast<A>(x[i]) - mean[k]) * scale[k] + bias[k]));
-  }
-}
-
 // Calls f(std::integral_constant<Act, act>) for the runtime activation code.
 template <typename F>
 void dispatch_act(int act, F&& f) {
@@ -194,32 +229,73 @@ void dispatch_act(int act, F&& f) {
   }
 }
 
+// y = act((x - mean) * scale + bias), constants per channel or per (n, c).
+template <Act act, typename T, typename A, int VEC>
+struct AffineFn {
+  const T* x;
+  T* y;
+  const A *mean, *scale, *bias;
+  template <typename I>
+  __device__ __forceinline__ void operator()(I i, I k, I step) const {
+    const Pack<T, VEC> xv = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
+    Pack<T, VEC> yv;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const I kj = k + step * j;
+      yv.v[j] = static_cast<T>(activate<act>((static_cast<A>(xv.v[j]) - mean[kj]) * scale[kj] + bias[kj]));
+    }
+    *reinterpret_cast<Pack<T, VEC>*>(y + i) = yv;
+  }
+};
+
 template <typename T>
 void channel_affine(const ChannelView& v, const Tensor& out, const Tensor& mean,
                     const Tensor& scale, const Tensor& bias, bool per_sample, int act) {
   using A = acc_t<T>;
-  const int64_t numel = v.x.numel();
-  if (numel == 0) return;
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const T* x = v.x.const_data_ptr<T>();
+  T* y = out.mutable_data_ptr<T>();
   dispatch_act(act, [&](auto a) {
-    affine_kernel<decltype(a)::value, T, A><<<blocks_for(numel), kBlock, 0, stream>>>(
-        v.x.const_data_ptr<T>(), out.mutable_data_ptr<T>(), numel, channel_index(v, per_sample),
-        mean.const_data_ptr<A>(), scale.const_data_ptr<A>(), bias.const_data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    channel_map<T>(v, per_sample, {x, y}, [&](auto vec) {
+      return AffineFn<decltype(a)::value, T, A, decltype(vec)::value>{
+          x, y, mean.const_data_ptr<A>(), scale.const_data_ptr<A>(), bias.const_data_ptr<A>()};
+    });
   });
 }
 
+// The constants (mean, scale, bias) of constant index k, from three arrays.
+template <typename A>
+struct IndexedConstants {
+  const A *mean, *scale, *bias;
+  __device__ __forceinline__ void operator()(int64_t k, A& m, A& s, A& h) const {
+    m = mean[k];
+    s = scale[k];
+    h = bias[k];
+  }
+};
+
+// Group norm's: index k = n * C + c has its (n, group) mean at k / D (C = G *
+// D); there is no activation, so scale and bias do not matter.
+template <typename A>
+struct GroupMean {
+  const A* mean;
+  int64_t D;
+  __device__ __forceinline__ void operator()(int64_t k, A& m, A& s, A& h) const {
+    m = mean[k / D];
+    s = A(1);
+    h = A(0);
+  }
+};
+
 // Sums of g and g * (x - mean) per plane (one block per plane), or per
-// column block partial ([samples, splits, C]).
-template <Act act, typename T, typename A>
+// column block partial ([samples, splits, C]); g is dy through the
+// activation at (x - mean) * scale + bias, constants from consts(k).
+template <Act act, typename T, typename A, class K>
 __global__ void plane_grad_sums_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                                       int64_t planes, int64_t HW, int64_t period,
-                                       const A* __restrict__ mean, const A* __restrict__ scale,
-                                       const A* __restrict__ bias, A* __restrict__ sum_dy,
-                                       A* __restrict__ sum_dy_xmu) {
+                                       int64_t planes, int64_t HW, int64_t period, K consts,
+                                       A* __restrict__ sum_dy, A* __restrict__ sum_dy_xmu) {
   for (int64_t p = blockIdx.x; p < planes; p += gridDim.x) {
-    const int64_t k = p % period;
-    const A m = mean[k], s = scale[k], h = bias[k];
+    A m, s, h;
+    consts(p % period, m, s, h);
     A a = 0, b = 0;
     for (int64_t i = threadIdx.x; i < HW; i += blockDim.x) {
       const A xv = static_cast<A>(x[p * HW + i]);
@@ -235,11 +311,10 @@ __global__ void plane_grad_sums_kernel(const T* __restrict__ dy, const T* __rest
   }
 }
 
-template <Act act, typename T, typename A>
+template <Act act, typename T, typename A, class K>
 __global__ void column_grad_sums_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                         int64_t rows_per_sample, int64_t C, bool per_sample,
-                                        const A* __restrict__ mean, const A* __restrict__ scale,
-                                        const A* __restrict__ bias, A* __restrict__ psum_dy,
+                                        K consts, A* __restrict__ psum_dy,
                                         A* __restrict__ psum_dy_xmu) {
   __shared__ A sa[kRowsPerBlock][kWarp], sb[kRowsPerBlock][kWarp];
   const int64_t c = int64_t(blockIdx.x) * kWarp + threadIdx.x;
@@ -249,8 +324,8 @@ __global__ void column_grad_sums_kernel(const T* __restrict__ dy, const T* __res
   const int64_t base = s * rows_per_sample * C;
   A a = 0, b = 0;
   if (c < C) {
-    const int64_t k = per_sample ? s * C + c : c;
-    const A m = mean[k], sc = scale[k], h = bias[k];
+    A m, sc, h;
+    consts(per_sample ? s * C + c : c, m, sc, h);
     for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowsPerBlock) {
       const A xv = static_cast<A>(x[base + r * C + c]);
       const A g = activation_grad<act>(as_stored<T, A>((xv - m) * sc + h),
@@ -286,6 +361,8 @@ std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& 
     return {at::zeros({out_len}, dopts), at::zeros({out_len}, dopts)};
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const IndexedConstants<A> consts{mean.const_data_ptr<A>(), scale.const_data_ptr<A>(),
+                                   bias.const_data_ptr<A>()};
   Tensor pd, px;
   dispatch_act(act, [&](auto a) {
     constexpr Act kAct = decltype(a)::value;
@@ -295,8 +372,8 @@ std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& 
       plane_grad_sums_kernel<kAct, T, A>
           <<<static_cast<unsigned>(grid_for(v.N * v.C)), kBlock, 0, stream>>>(
               dy.const_data_ptr<T>(), v.x.const_data_ptr<T>(), v.N * v.C, v.HW,
-              per_sample ? v.N * v.C : v.C, mean.const_data_ptr<A>(), scale.const_data_ptr<A>(),
-              bias.const_data_ptr<A>(), pd.mutable_data_ptr<A>(), px.mutable_data_ptr<A>());
+              per_sample ? v.N * v.C : v.C, consts, pd.mutable_data_ptr<A>(),
+              px.mutable_data_ptr<A>());
     } else {
       const int64_t samples = per_sample ? v.N : 1;
       const int64_t rows = per_sample ? v.HW : v.N * v.HW;
@@ -307,8 +384,7 @@ std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& 
       const dim3 grid(static_cast<unsigned>(cblocks), static_cast<unsigned>(splits),
                       static_cast<unsigned>(samples));
       column_grad_sums_kernel<kAct, T, A><<<grid, dim3(kWarp, kRowsPerBlock), 0, stream>>>(
-          dy.const_data_ptr<T>(), v.x.const_data_ptr<T>(), rows, v.C, per_sample,
-          mean.const_data_ptr<A>(), scale.const_data_ptr<A>(), bias.const_data_ptr<A>(),
+          dy.const_data_ptr<T>(), v.x.const_data_ptr<T>(), rows, v.C, per_sample, consts,
           pd.mutable_data_ptr<A>(), px.mutable_data_ptr<A>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -323,38 +399,43 @@ std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& 
   return {pd.to(at::kDouble).sum(1).reshape({out_len}), px.to(at::kDouble).sum(1).reshape({out_len})};
 }
 
-template <Act act, typename T, typename A>
-__global__ void grad_input_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                                  T* __restrict__ dx, int64_t numel, ChannelIndex index,
-                                  const A* __restrict__ a, const A* __restrict__ b,
-                                  const A* __restrict__ m, const A* __restrict__ c,
-                                  const A* __restrict__ scale, const A* __restrict__ bias) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t k = index(i);
-    const A xv = static_cast<A>(x[i]);
-    const A g = activation_grad<act>(as_stored<T, A>((xv - m[k]) * scale[k] + bias[k]),
-                                     static_cast<A>(dy[i]));
-    dx[i] = static_cast<T>(a[k] * g + b[k] * (xv - m[k]) + c[k]);
+// dx = a * g + b * (x - m) + c, g = dy masked at (x - m) * scale + bias.
+template <Act act, typename T, typename A, int VEC>
+struct GradInputFn {
+  const T *dy, *x;
+  T* dx;
+  const A *a, *b, *m, *c, *scale, *bias;
+  template <typename I>
+  __device__ __forceinline__ void operator()(I i, I k, I step) const {
+    const Pack<T, VEC> xv = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
+    const Pack<T, VEC> gv = *reinterpret_cast<const Pack<T, VEC>*>(dy + i);
+    Pack<T, VEC> out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const I kj = k + step * j;
+      const A xm = static_cast<A>(xv.v[j]) - m[kj];
+      const A g = activation_grad<act>(as_stored<T, A>(xm * scale[kj] + bias[kj]),
+                                       static_cast<A>(gv.v[j]));
+      out.v[j] = static_cast<T>(a[kj] * g + b[kj] * xm + c[kj]);
+    }
+    *reinterpret_cast<Pack<T, VEC>*>(dx + i) = out;
   }
-}
+};
 
-// dx = a * g + b * (x - m) + c, g masked at (x - m) * scale + bias.
 template <typename T>
 void channel_grad_input(const ChannelView& v, const Tensor& dy, const Tensor& dx,
                         const Tensor& a, const Tensor& b, const Tensor& m, const Tensor& c,
                         const Tensor& scale, const Tensor& bias, bool per_sample, int act) {
   using A = acc_t<T>;
-  const int64_t numel = v.x.numel();
-  if (numel == 0) return;
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const T* x = v.x.const_data_ptr<T>();
+  const T* g = dy.const_data_ptr<T>();
+  T* d = dx.mutable_data_ptr<T>();
   dispatch_act(act, [&](auto tag) {
-    grad_input_kernel<decltype(tag)::value, T, A><<<blocks_for(numel), kBlock, 0, stream>>>(
-        dy.const_data_ptr<T>(), v.x.const_data_ptr<T>(), dx.mutable_data_ptr<T>(), numel,
-        channel_index(v, per_sample), a.const_data_ptr<A>(), b.const_data_ptr<A>(),
-        m.const_data_ptr<A>(), c.const_data_ptr<A>(), scale.const_data_ptr<A>(),
-        bias.const_data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    channel_map<T>(v, per_sample, {x, g, d}, [&](auto vec) {
+      return GradInputFn<decltype(tag)::value, T, A, decltype(vec)::value>{
+          g, x, d, a.const_data_ptr<A>(), b.const_data_ptr<A>(), m.const_data_ptr<A>(),
+          c.const_data_ptr<A>(), scale.const_data_ptr<A>(), bias.const_data_ptr<A>()};
+    });
   });
 }
 

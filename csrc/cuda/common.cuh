@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdint>
+
 #include "../checks.h"
 #include "../moments.h"
 
@@ -29,6 +31,31 @@ using acc_t = at::acc_type<T, /*is_cuda=*/true>;
 // needs (the grid's x dimension allows 2^31 - 1 blocks).
 inline int64_t grid_for(int64_t work) {
   return std::max<int64_t>(1, std::min<int64_t>(work, 65535LL * 32));
+}
+
+// A parameter as the kernels read it (the accumulation dtype, usually no
+// copy), or an undefined tensor when absent (the kernels take nullptr).
+inline Tensor acc_param(const OptTensor& p, at::ScalarType acc) {
+  return present(p) ? p->to(acc).contiguous() : Tensor();
+}
+
+template <typename A>
+const A* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<A>() : nullptr;
+}
+
+// VEC consecutive elements, loaded and stored as one aligned access.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// Elements per 16-byte access.
+template <typename T>
+constexpr int kVec = 16 / sizeof(T) < 1 ? 1 : 16 / sizeof(T);
+
+inline bool aligned_for(const void* p, int bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
 template <typename A>
@@ -63,14 +90,18 @@ __device__ void block_merge(A& n, A& mean, A& m2) {
 }
 
 // Moments of `len` contiguous values, reduced by the whole block: Welford
-// per thread, then Chan merges. Every thread gets (n, mean, m2).
-template <typename T, typename A>
+// per thread, then Chan merges. Every thread gets (n, mean, m2). With VEC >
+// 1, read VEC at a time: len % VEC == 0 and p aligned to VEC elements.
+template <int VEC = 1, typename T, typename A>
 __device__ void block_span_moments(const T* p, int64_t len, A& n, A& mean, A& m2) {
   n = 0;
   mean = 0;
   m2 = 0;
-  for (int64_t i = threadIdx.x; i < len; i += blockDim.x)
-    welford_add(n, mean, m2, static_cast<A>(p[i]));
+  for (int64_t i = int64_t(threadIdx.x) * VEC; i < len; i += int64_t(blockDim.x) * VEC) {
+    const Pack<T, VEC> v = *reinterpret_cast<const Pack<T, VEC>*>(p + i);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) welford_add(n, mean, m2, static_cast<A>(v.v[k]));
+  }
   block_merge(n, mean, m2);
 }
 

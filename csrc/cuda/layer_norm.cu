@@ -7,7 +7,9 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <tuple>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -17,7 +19,9 @@ namespace {
 
 constexpr const char* kOp = "normops.layer_norm";
 
-template <typename T, typename A>
+// gamma and beta may be null (no affine). Rows are read VEC elements at a
+// time (D % VEC == 0, rows aligned).
+template <int VEC, typename T, typename A>
 __global__ void layer_norm_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
                                           int64_t rows, int64_t D, const A* __restrict__ gamma,
                                           const A* __restrict__ beta, A eps, A* __restrict__ mean,
@@ -25,43 +29,73 @@ __global__ void layer_norm_forward_kernel(const T* __restrict__ x, T* __restrict
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* xr = x + r * D;
     A n, mu, m2;
-    block_span_moments(xr, D, n, mu, m2);
+    block_span_moments<VEC>(xr, D, n, mu, m2);
     const A rs = device_rsqrt(m2 / A(D) + eps);
     if (threadIdx.x == 0) {
       mean[r] = mu;
       rstd[r] = rs;
     }
     T* yr = y + r * D;
-    for (int64_t j = threadIdx.x; j < D; j += blockDim.x)
-      yr[j] = static_cast<T>((static_cast<A>(xr[j]) - mu) * rs * gamma[j] + beta[j]);
+    for (int64_t j = int64_t(threadIdx.x) * VEC; j < D; j += int64_t(blockDim.x) * VEC) {
+      const Pack<T, VEC> xv = *reinterpret_cast<const Pack<T, VEC>*>(xr + j);
+      Pack<T, VEC> yv;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const A g = gamma ? gamma[j + k] : A(1), b = beta ? beta[j + k] : A(0);
+        yv.v[k] = static_cast<T>((static_cast<A>(xv.v[k]) - mu) * rs * g + b);
+      }
+      *reinterpret_cast<Pack<T, VEC>*>(yr + j) = yv;
+    }
   }
 }
 
 // dx = rstd * (dy*gamma - mean(dy*gamma) - xhat * mean(dy*gamma*xhat)).
-template <typename T, typename A>
+template <int VEC, typename T, typename A>
 __global__ void layer_norm_grad_input_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                              T* __restrict__ dx, int64_t rows, int64_t D,
                                              const A* __restrict__ mean,
                                              const A* __restrict__ rstd,
                                              const A* __restrict__ gamma) {
+  using P = Pack<T, VEC>;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* xr = x + r * D;
     const T* gr = dy + r * D;
     const A mu = mean[r], rs = rstd[r];
     A s1 = 0, s2 = 0;
-    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-      const A g = static_cast<A>(gr[j]) * gamma[j];
-      s1 += g;
-      s2 += g * (static_cast<A>(xr[j]) - mu);
+    for (int64_t j = int64_t(threadIdx.x) * VEC; j < D; j += int64_t(blockDim.x) * VEC) {
+      const P xv = *reinterpret_cast<const P*>(xr + j), gv = *reinterpret_cast<const P*>(gr + j);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const A g = static_cast<A>(gv.v[k]) * (gamma ? gamma[j + k] : A(1));
+        s1 += g;
+        s2 += g * (static_cast<A>(xv.v[k]) - mu);
+      }
     }
     block_sum2(s1, s2);
     const A k1 = s1 / A(D), k2 = s2 / A(D) * rs * rs;
     T* dr = dx + r * D;
-    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-      const A g = static_cast<A>(gr[j]) * gamma[j];
-      dr[j] = static_cast<T>(rs * (g - k1 - (static_cast<A>(xr[j]) - mu) * k2));
+    for (int64_t j = int64_t(threadIdx.x) * VEC; j < D; j += int64_t(blockDim.x) * VEC) {
+      const P xv = *reinterpret_cast<const P*>(xr + j), gv = *reinterpret_cast<const P*>(gr + j);
+      P out;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const A g = static_cast<A>(gv.v[k]) * (gamma ? gamma[j + k] : A(1));
+        out.v[k] = static_cast<T>(rs * (g - k1 - (static_cast<A>(xv.v[k]) - mu) * k2));
+      }
+      *reinterpret_cast<P*>(dr + j) = out;
     }
   }
+}
+
+// Calls f(std::integral_constant<int, VEC>): 16-byte accesses when every row
+// of D elements starts aligned at each of `pointers`, else one element.
+template <typename T, class F>
+void dispatch_row_vec(int64_t D, std::initializer_list<const void*> pointers, F&& f) {
+  constexpr int V = kVec<T>;
+  bool vec = D % V == 0;
+  for (const void* p : pointers) vec = vec && aligned_for(p, int(sizeof(T)) * V);
+  if (vec) return f(std::integral_constant<int, V>{});
+  return f(std::integral_constant<int, 1>{});
 }
 
 // Column partials of dgamma = sum(dy * xhat) and dbeta = sum(dy): block
@@ -109,16 +143,18 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor& input, c10::SymIntAr
   const auto st = layer_norm_stat_shape(input, shape.size());
   Tensor mean = at::empty(st, x.options().dtype(acc)), rstd = at::empty(st, x.options().dtype(acc));
   if (rows == 0 || D == 0) return {out, mean, rstd};
-  Tensor w = acc_vector(weight, D, x.options().dtype(acc), 1.0);
-  Tensor b = acc_vector(bias, D, x.options().dtype(acc), 0.0);
+  Tensor w = acc_param(weight, acc), b = acc_param(bias, acc);
   auto stream = c10::cuda::getCurrentCUDAStream();
   NORMOPS_CUDA_DISPATCH(x.scalar_type(), "normops_layer_norm_cuda", [&] {
-    using A = acc_t<scalar_t>;
-    layer_norm_forward_kernel<scalar_t, A><<<static_cast<unsigned>(grid_for(rows)), kBlock, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, D,
-        w.const_data_ptr<A>(), b.const_data_ptr<A>(), A(eps), mean.mutable_data_ptr<A>(),
-        rstd.mutable_data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    using T = scalar_t;
+    using A = acc_t<T>;
+    dispatch_row_vec<T>(D, {x.const_data_ptr(), out.const_data_ptr()}, [&](auto vec) {
+      layer_norm_forward_kernel<decltype(vec)::value, T, A>
+          <<<static_cast<unsigned>(grid_for(rows)), kBlock, 0, stream>>>(
+              x.const_data_ptr<T>(), out.mutable_data_ptr<T>(), rows, D, ptr_or_null<A>(w),
+              ptr_or_null<A>(b), A(eps), mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {out, mean, rstd};
 }
@@ -141,15 +177,19 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
   Tensor partial = at::zeros({2, splits, need_params ? D : 0}, x.options().dtype(acc));
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (rows > 0 && D > 0) {
-    Tensor w = acc_vector(weight, D, x.options().dtype(acc), 1.0);
+    Tensor w = acc_param(weight, acc);
     NORMOPS_CUDA_DISPATCH(x.scalar_type(), "normops_layer_norm_backward_cuda", [&] {
       using A = acc_t<scalar_t>;
       if (output_mask[0]) {
-        layer_norm_grad_input_kernel<scalar_t, A><<<static_cast<unsigned>(grid_for(rows)), kBlock, 0, stream>>>(
-            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-            grad_input.mutable_data_ptr<scalar_t>(), rows, D, m.const_data_ptr<A>(),
-            r.const_data_ptr<A>(), w.const_data_ptr<A>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        dispatch_row_vec<scalar_t>(
+            D, {dy.const_data_ptr(), x.const_data_ptr(), grad_input.const_data_ptr()}, [&](auto vec) {
+              layer_norm_grad_input_kernel<decltype(vec)::value, scalar_t, A>
+                  <<<static_cast<unsigned>(grid_for(rows)), kBlock, 0, stream>>>(
+                      dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                      grad_input.mutable_data_ptr<scalar_t>(), rows, D, m.const_data_ptr<A>(),
+                      r.const_data_ptr<A>(), ptr_or_null<A>(w));
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
       }
       if (need_params) {
         const dim3 grid(static_cast<unsigned>((D + kWarp - 1) / kWarp), static_cast<unsigned>(splits));

@@ -49,6 +49,12 @@ def _(input, weight, bias, running_mean, running_var, training, eps, activation=
     return empty_like_channels(input), empty_stats(input, n), empty_stats(input, n)
 
 
+@torch.library.register_fake("normops::update_running_stats")
+def _(running_mean, running_var, mean, var, momentum, count):
+    check_devices("normops.batch_norm", mean, var=var, running_mean=running_mean,
+                  running_var=running_var)
+
+
 @torch.library.register_fake("normops::batch_norm_backward")
 def _(grad_out, input, weight, bias, mean, var, training, eps, activation, output_mask):
     C = input.size(1)
