@@ -62,8 +62,8 @@ def main():
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype} inputs, "
-          "float32 parameters; per training step (forward + backward)")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype} inputs; "
+          "per training step (forward + backward)")
     print(f"{'op':>9} {'shape':>17} {'layout':>6} {'impl':>8} {'kernels':>8} {'device ms':>10} "
           f"{'wall ms':>8}")
     for family, (shape, ours, theirs) in CASES.items():
@@ -73,8 +73,10 @@ def main():
             x = torch.randn(shape, device="cuda").to(dtype=dtype, **fmt).requires_grad_()
             dy = torch.randn_like(x)
             C = shape[-1] if len(shape) == 2 else shape[1]
-            w = (torch.rand(C, device="cuda") + 0.5).requires_grad_()
-            b = torch.randn(C, device="cuda").requires_grad_()
+            # float32 parameters for batch norm (AMP), the input's dtype otherwise
+            pdt = torch.float32 if family.startswith("bn") else dtype
+            w = (torch.rand(C, device="cuda") + 0.5).to(pdt).requires_grad_()
+            b = torch.randn(C, device="cuda").to(pdt).requires_grad_()
             rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
             for impl, fn in (("normops", ours), ("aten", theirs)):
                 def step():

@@ -91,15 +91,15 @@ def log(msg: str, end: str = "\n") -> None:
 # Op families: each builds, for one shape, the parameters to differentiate and
 # make(impl) -> fn(x), with its own running statistics per implementation.
 
-def _affine(C: int, device: str):
-    w = (torch.rand(C, device=device) + 0.5).requires_grad_()
-    b = (torch.randn(C, device=device) * 0.1).requires_grad_()
+def _affine(C: int, device: str, dtype=torch.float32):
+    w = (torch.rand(C, device=device) + 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(C, device=device) * 0.1).to(dtype).requires_grad_()
     return w, b
 
 
-def _batch_norm(shape, device, activation=None):
+def _batch_norm(shape, device, dtype, activation=None):
     C = shape[1]
-    w, b = _affine(C, device)
+    w, b = _affine(C, device)  # float32 beside half inputs: batch norm under AMP
 
     def make(impl):
         rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
@@ -111,8 +111,8 @@ def _batch_norm(shape, device, activation=None):
     return (w, b), make
 
 
-def _layer_norm(shape, device):
-    w, b = _affine(shape[-1], device)
+def _layer_norm(shape, device, dtype):
+    w, b = _affine(shape[-1], device, dtype)
 
     def make(impl):
         f = NF.layer_norm if impl == "normops" else F.layer_norm
@@ -120,8 +120,8 @@ def _layer_norm(shape, device):
     return (w, b), make
 
 
-def _instance_norm(shape, device):
-    w, b = _affine(shape[1], device)
+def _instance_norm(shape, device, dtype):
+    w, b = _affine(shape[1], device, dtype)
 
     def make(impl):
         f = NF.instance_norm if impl == "normops" else F.instance_norm
@@ -129,8 +129,8 @@ def _instance_norm(shape, device):
     return (w, b), make
 
 
-def _group_norm(shape, device, groups):
-    w, b = _affine(shape[1], device)
+def _group_norm(shape, device, dtype, groups):
+    w, b = _affine(shape[1], device, dtype)
 
     def make(impl):
         f = NF.group_norm if impl == "normops" else F.group_norm
@@ -140,10 +140,10 @@ def _group_norm(shape, device, groups):
 
 BUILDERS = {
     "bn": _batch_norm,
-    "bn_relu6": lambda shape, device: _batch_norm(shape, device, activation="relu6"),
+    "bn_relu6": lambda shape, device, dtype: _batch_norm(shape, device, dtype, activation="relu6"),
     "ln": _layer_norm,
     "in": _instance_norm,
-    "gn": lambda shape, device, groups: _group_norm(shape, device, groups),
+    "gn": _group_norm,
 }
 
 
@@ -306,11 +306,10 @@ def run_case(case: Case, thread_counts: Sequence[int], device: str, sampling: Sa
     """Time one case at each thread count; yields that thread count's rows
     (fwd, fwd+bwd). Inputs and copy buffers are built once per case."""
     torch.manual_seed(0)
-    params, make = BUILDERS[case.family](case.shape, device, **dict(case.kwargs))
+    params, make = BUILDERS[case.family](case.shape, device, dtype, **dict(case.kwargs))
     eager = {impl: make(impl) for impl in ("normops", "aten")}
     fmt = {"memory_format": (torch.channels_last if len(case.shape) == 4
                              else torch.channels_last_3d)} if case.channels_last else {}
-    # Parameters stay float32 beside half inputs: the mixed precision of AMP.
     x0, dy0 = (torch.randn(case.shape, device=device).to(dtype=dtype, **fmt) for _ in range(2))
     x_bytes = x0.numel() * x0.element_size()
     n = rotation_count(2 * x_bytes, cap // 3)   # a slot holds x and dy
@@ -508,7 +507,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=HERE / "results", help="output folder")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="input dtype (parameters stay float32, as under autocast)")
+                   help="input dtype (batch norm keeps float32 parameters, as under AMP; the "
+                   "others take the input's)")
     p.add_argument("--shapes", type=Path, default=HERE / "shapes.json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
