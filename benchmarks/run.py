@@ -1,7 +1,7 @@
 """Benchmark normops against ATen eager and torch.compile.
 
     python -m benchmarks.run [--full] [--threads 1,2] [--ops bn,bn_relu6,ln,in,gn]
-                             [--out DIR] [--device cpu|cuda]
+                             [--out DIR] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
 
 Run from the repository root. For every case (op family, shape, layout) and
 thread count it times, in one process and interleaved so that drift hits all
