@@ -166,11 +166,7 @@ __global__ void update_running_kernel(R* __restrict__ running_mean, R* __restric
 
 // Row splits of the per-channel reductions: about 1024 blocks in all.
 inline int64_t channel_splits(const ChannelView& v) {
-  const int64_t rows = v.N * v.HW;
-  const int64_t blocks = v.rows ? (v.C + kWarp - 1) / kWarp : v.C;
-  const int64_t per_split = v.rows ? 32 : 4 * kBlock;  // rows (or elements) a split gets at least
-  return std::max<int64_t>(1, std::min<int64_t>({(1024 + blocks - 1) / blocks,
-                                                 rows / per_split, 65535}));
+  return v.rows ? row_splits(v.N * v.HW, v.C, 1) : span_splits(v.C, v.N * v.HW);
 }
 
 struct CudaBatchNorm : ChannelDrivers {
@@ -194,19 +190,16 @@ struct CudaBatchNorm : ChannelDrivers {
     NORMOPS_CUDA_DISPATCH(v.x.scalar_type(), "normops_batch_norm_cuda", [&] {
       using T = scalar_t;
       using A = acc_t<T>;
-      A* pn = partial[0].mutable_data_ptr<A>();
-      A* pm = partial[1].mutable_data_ptr<A>();
-      A* pq = partial[2].mutable_data_ptr<A>();
+      const auto p = rows_of<A, 3>(partial);
+      A *pn = p[0], *pm = p[1], *pq = p[2];
       if (v.rows) {
-        const dim3 grid(static_cast<unsigned>((C + kWarp - 1) / kWarp), static_cast<unsigned>(splits));
-        column_moments_kernel<T, A><<<grid, dim3(kWarp, kRowsPerBlock), 0, stream>>>(
-            v.x.const_data_ptr<T>(), v.N * v.HW, C, pn, pm, pq);
+        launch_column_moments(v.x.const_data_ptr<T>(), v.N * v.HW, C, splits, 1, pn, pm, pq);
       } else {
         plane_split_moments_kernel<T, A>
             <<<dim3(static_cast<unsigned>(C), static_cast<unsigned>(splits)), kBlock, 0, stream>>>(
                 v.x.const_data_ptr<T>(), v.N, C, v.HW, pn, pm, pq);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       forward_finalize_kernel<A><<<blocks_for(C), kBlock, 0, stream>>>(
           pn, pm, pq, splits, C, ptr_or_null<A>(w), ptr_or_null<A>(b), eps,
           mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>(),
@@ -234,14 +227,13 @@ struct CudaBatchNorm : ChannelDrivers {
     NORMOPS_CUDA_DISPATCH(v.x.scalar_type(), "normops_batch_norm_backward_cuda", [&] {
       using T = scalar_t;
       using A = acc_t<T>;
-      A* psd = partial[0].mutable_data_ptr<A>();
-      A* psx = partial[1].mutable_data_ptr<A>();
+      const auto p = rows_of<A, 2>(partial);
+      A *psd = p[0], *psx = p[1];
       dispatch_act(act, [&](auto a) {
         constexpr Act kAct = decltype(a)::value;
         if (v.rows) {
-          const dim3 grid(static_cast<unsigned>((C + kWarp - 1) / kWarp), static_cast<unsigned>(splits));
-          column_grad_sums_kernel<kAct, T, A><<<grid, dim3(kWarp, kRowsPerBlock), 0, stream>>>(
-              dy.const_data_ptr<T>(), v.x.const_data_ptr<T>(), v.N * v.HW, C, false,
+          launch_column_grad_sums<kAct>(
+              dy.const_data_ptr<T>(), v.x.const_data_ptr<T>(), v.N * v.HW, C, splits, 1,
               IndexedConstants<A>{f.acc_mean.const_data_ptr<A>(), f.acc_scale.const_data_ptr<A>(),
                                   f.acc_bias.const_data_ptr<A>()},
               psd, psx);

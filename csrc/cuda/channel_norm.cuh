@@ -15,6 +15,7 @@
 
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 
+#include <array>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -172,10 +173,43 @@ __global__ void merge_moments_kernel(const A* __restrict__ pn, const A* __restri
   }
 }
 
-// Row splits so that the column kernels fill the GPU.
-inline int64_t row_splits(int64_t rows, int64_t column_blocks, int64_t samples) {
+// Row splits so that the column kernels over C channels x `samples` fill the
+// GPU (about 1024 blocks), each split at least 32 rows.
+inline int64_t row_splits(int64_t rows, int64_t C, int64_t samples) {
+  const int64_t column_blocks = (C + kWarp - 1) / kWarp;
   const int64_t want = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, column_blocks * samples));
   return std::max<int64_t>(1, std::min<int64_t>({want, rows / 32, 65535}));
+}
+
+// The column kernels over `samples` blocks of rows_per_sample rows x C:
+// partials [samples, splits, C].
+inline dim3 column_grid(int64_t C, int64_t splits, int64_t samples) {
+  return dim3(static_cast<unsigned>((C + kWarp - 1) / kWarp), static_cast<unsigned>(splits),
+              static_cast<unsigned>(samples));
+}
+
+// Pointers to the K rows of a [K, n] tensor of per-block partials.
+template <typename A, size_t K>
+std::array<A*, K> rows_of(const Tensor& t) {
+  std::array<A*, K> r;
+  for (size_t i = 0; i < K; ++i) r[i] = t[i].mutable_data_ptr<A>();
+  return r;
+}
+
+// Splits of `spans` reductions of `len` values each, for about 1024 blocks
+// in all, each split at least 4 * kBlock values.
+inline int64_t span_splits(int64_t spans, int64_t len) {
+  return std::max<int64_t>(
+      1, std::min<int64_t>({(1024 + spans - 1) / spans, len / (4 * kBlock), 65535}));
+}
+
+template <typename T, typename A>
+void launch_column_moments(const T* x, int64_t rows_per_sample, int64_t C, int64_t splits,
+                           int64_t samples, A* pn, A* pmean, A* pm2) {
+  column_moments_kernel<T, A>
+      <<<column_grid(C, splits, samples), dim3(kWarp, kRowsPerBlock), 0,
+         c10::cuda::getCurrentCUDAStream()>>>(x, rows_per_sample, C, pn, pmean, pm2);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
@@ -203,15 +237,11 @@ std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample)
   }
   const int64_t samples = per_sample ? v.N : 1;
   const int64_t rows = per_sample ? v.HW : v.N * v.HW;
-  const int64_t cblocks = (v.C + kWarp - 1) / kWarp;
-  const int64_t splits = row_splits(rows, cblocks, samples);
+  const int64_t splits = row_splits(rows, v.C, samples);
   Tensor pn = at::empty({samples * splits * v.C}, opts), pm = at::empty_like(pn),
          pq = at::empty_like(pn);
-  const dim3 grid(static_cast<unsigned>(cblocks), static_cast<unsigned>(splits),
-                  static_cast<unsigned>(samples));
-  column_moments_kernel<T, A><<<grid, dim3(kWarp, kRowsPerBlock), 0, stream>>>(
-      x, rows, v.C, pn.mutable_data_ptr<A>(), pm.mutable_data_ptr<A>(), pq.mutable_data_ptr<A>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_column_moments(x, rows, v.C, splits, samples, pn.mutable_data_ptr<A>(),
+                        pm.mutable_data_ptr<A>(), pq.mutable_data_ptr<A>());
   merge_moments_kernel<A><<<blocks_for(samples * v.C), kBlock, 0, stream>>>(
       pn.const_data_ptr<A>(), pm.const_data_ptr<A>(), pq.const_data_ptr<A>(), samples, splits, v.C,
       mean.mutable_data_ptr<A>(), m2.mutable_data_ptr<A>());
@@ -313,7 +343,7 @@ __global__ void plane_grad_sums_kernel(const T* __restrict__ dy, const T* __rest
 
 template <Act act, typename T, typename A, class K>
 __global__ void column_grad_sums_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                                        int64_t rows_per_sample, int64_t C, bool per_sample,
+                                        int64_t rows_per_sample, int64_t C,
                                         K consts, A* __restrict__ psum_dy,
                                         A* __restrict__ psum_dy_xmu) {
   __shared__ A sa[kRowsPerBlock][kWarp], sb[kRowsPerBlock][kWarp];
@@ -325,7 +355,7 @@ __global__ void column_grad_sums_kernel(const T* __restrict__ dy, const T* __res
   A a = 0, b = 0;
   if (c < C) {
     A m, sc, h;
-    consts(per_sample ? s * C + c : c, m, sc, h);
+    consts(s * C + c, m, sc, h);  // per (sample, channel); one sample: per channel
     for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowsPerBlock) {
       const A xv = static_cast<A>(x[base + r * C + c]);
       const A g = activation_grad<act>(as_stored<T, A>((xv - m) * sc + h),
@@ -346,6 +376,17 @@ __global__ void column_grad_sums_kernel(const T* __restrict__ dy, const T* __res
     psum_dy[o] = a;
     psum_dy_xmu[o] = b;
   }
+}
+
+template <Act act, typename T, typename A, class K>
+void launch_column_grad_sums(const T* dy, const T* x, int64_t rows_per_sample, int64_t C,
+                             int64_t splits, int64_t samples, K consts, A* psum_dy,
+                             A* psum_dy_xmu) {
+  column_grad_sums_kernel<act, T, A>
+      <<<column_grid(C, splits, samples), dim3(kWarp, kRowsPerBlock), 0,
+         c10::cuda::getCurrentCUDAStream()>>>(dy, x, rows_per_sample, C, consts, psum_dy,
+                                              psum_dy_xmu);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Per channel or per (n, c): sum of g and of g * (x - mean). Double tensors.
@@ -377,15 +418,13 @@ std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& 
     } else {
       const int64_t samples = per_sample ? v.N : 1;
       const int64_t rows = per_sample ? v.HW : v.N * v.HW;
-      const int64_t cblocks = (v.C + kWarp - 1) / kWarp;
-      const int64_t splits = row_splits(rows, cblocks, samples);
+      const int64_t splits = row_splits(rows, v.C, samples);
       pd = at::empty({samples, splits, v.C}, opts);
       px = at::empty({samples, splits, v.C}, opts);
-      const dim3 grid(static_cast<unsigned>(cblocks), static_cast<unsigned>(splits),
-                      static_cast<unsigned>(samples));
-      column_grad_sums_kernel<kAct, T, A><<<grid, dim3(kWarp, kRowsPerBlock), 0, stream>>>(
-          dy.const_data_ptr<T>(), v.x.const_data_ptr<T>(), rows, v.C, per_sample, consts,
-          pd.mutable_data_ptr<A>(), px.mutable_data_ptr<A>());
+      launch_column_grad_sums<kAct>(dy.const_data_ptr<T>(), v.x.const_data_ptr<T>(), rows, v.C,
+                                    splits, samples, consts, pd.mutable_data_ptr<A>(),
+                                    px.mutable_data_ptr<A>());
+      return;
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

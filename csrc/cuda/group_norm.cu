@@ -126,12 +126,6 @@ __global__ void backward_finalize_kernel(const A* __restrict__ psum_dy,
   }
 }
 
-// Row splits so that a reduction over `len` values per unit, `units` units,
-// runs about 1024 blocks, each with at least `min_len` values.
-inline int64_t splits_for(int64_t units, int64_t len, int64_t min_len) {
-  return std::max<int64_t>(1, std::min<int64_t>({(1024 + units - 1) / units, len / min_len, 65535}));
-}
-
 struct CudaGroupNorm : ChannelDrivers {
   static constexpr bool kFused = true;
 
@@ -144,8 +138,7 @@ struct CudaGroupNorm : ChannelDrivers {
     const auto acc = acc_dtype(v.x.scalar_type());
     const auto opts = v.x.options().dtype(acc);
     const int64_t N = v.N, C = v.C, D = C / G;
-    const int64_t cblocks = (C + kWarp - 1) / kWarp;
-    const int64_t splits = v.rows ? row_splits(v.HW, cblocks, N) : splits_for(N * G, D * v.HW, 4 * kBlock);
+    const int64_t splits = v.rows ? row_splits(v.HW, C, N) : span_splits(N * G, D * v.HW);
     Tensor out = like(v);
     Tensor mean = at::empty({N, G}, opts), rstd = at::empty({N, G}, opts);
     Tensor partial = at::empty({3, v.rows ? N * splits * C : N * G * splits}, opts);
@@ -155,20 +148,16 @@ struct CudaGroupNorm : ChannelDrivers {
     NORMOPS_CUDA_DISPATCH(v.x.scalar_type(), "normops_group_norm_cuda", [&] {
       using T = scalar_t;
       using A = acc_t<T>;
-      A* pn = partial[0].mutable_data_ptr<A>();
-      A* pm = partial[1].mutable_data_ptr<A>();
-      A* pq = partial[2].mutable_data_ptr<A>();
+      const auto p = rows_of<A, 3>(partial);
+      A *pn = p[0], *pm = p[1], *pq = p[2];
       if (v.rows) {
-        const dim3 grid(static_cast<unsigned>(cblocks), static_cast<unsigned>(splits),
-                        static_cast<unsigned>(N));
-        column_moments_kernel<T, A><<<grid, dim3(kWarp, kRowsPerBlock), 0, stream>>>(
-            v.x.const_data_ptr<T>(), v.HW, C, pn, pm, pq);
+        launch_column_moments(v.x.const_data_ptr<T>(), v.HW, C, splits, N, pn, pm, pq);
       } else {
         span_split_moments_kernel<T, A>
             <<<dim3(static_cast<unsigned>(N * G), static_cast<unsigned>(splits)), kBlock, 0, stream>>>(
                 v.x.const_data_ptr<T>(), D * v.HW, pn, pm, pq);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       forward_finalize_kernel<A><<<blocks_for(N * G), kBlock, 0, stream>>>(
           pn, pm, pq, v.rows, splits, N, G, D, ptr_or_null<A>(w), ptr_or_null<A>(b), eps,
           mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(), consts.mutable_data_ptr<A>());
@@ -187,8 +176,7 @@ struct CudaGroupNorm : ChannelDrivers {
     const auto acc = acc_dtype(v.x.scalar_type());
     const auto opts = v.x.options().dtype(acc);
     const int64_t N = v.N, C = v.C, D = C / G;
-    const int64_t cblocks = (C + kWarp - 1) / kWarp;
-    const int64_t splits = v.rows ? row_splits(v.HW, cblocks, N) : 1;
+    const int64_t splits = v.rows ? row_splits(v.HW, C, N) : 1;
     Tensor m = mean.to(acc).contiguous(), r = rstd.to(acc).contiguous();
     Tensor partial = at::empty({2, N * splits * C}, opts);
     Tensor coef = at::empty({4, N * C}, opts);  // a, b, c, and the mean per (n, c)
@@ -199,21 +187,19 @@ struct CudaGroupNorm : ChannelDrivers {
     NORMOPS_CUDA_DISPATCH(v.x.scalar_type(), "normops_group_norm_backward_cuda", [&] {
       using T = scalar_t;
       using A = acc_t<T>;
-      A* psd = partial[0].mutable_data_ptr<A>();
-      A* psx = partial[1].mutable_data_ptr<A>();
+      const auto p = rows_of<A, 2>(partial);
+      A *psd = p[0], *psx = p[1];
       const GroupMean<A> consts{m.const_data_ptr<A>(), D};
       if (v.rows) {
-        const dim3 grid(static_cast<unsigned>(cblocks), static_cast<unsigned>(splits),
-                        static_cast<unsigned>(N));
-        column_grad_sums_kernel<Act::None, T, A><<<grid, dim3(kWarp, kRowsPerBlock), 0, stream>>>(
-            dy.const_data_ptr<T>(), v.x.const_data_ptr<T>(), v.HW, C, true, consts, psd, psx);
+        launch_column_grad_sums<Act::None>(dy.const_data_ptr<T>(), v.x.const_data_ptr<T>(), v.HW, C,
+                                           splits, N, consts, psd, psx);
       } else {
         plane_grad_sums_kernel<Act::None, T, A>
             <<<static_cast<unsigned>(grid_for(N * C)), kBlock, 0, stream>>>(
                 dy.const_data_ptr<T>(), v.x.const_data_ptr<T>(), N * C, v.HW, N * C, consts, psd,
                 psx);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       backward_finalize_kernel<A><<<blocks_for(std::max(N * G, C)), kBlock, 0, stream>>>(
           psd, psx, splits, N, G, D, double(D * v.HW), m.const_data_ptr<A>(), r.const_data_ptr<A>(),
           ptr_or_null<A>(w), coef.mutable_data_ptr<A>(), grad_weight.mutable_data_ptr<A>(),
