@@ -1,7 +1,8 @@
 """CUDA-specific cases (skipped without a GPU): large half-precision inputs,
 channels_last, a non-default stream, CUDA graphs through
 torch.compile(mode="reduce-overhead"), more rows than a grid dimension
-holds, and CPU vs CUDA agreement."""
+holds, misaligned storage (no 16-byte accesses), more than 2^31 elements
+(64-bit indexing), and CPU vs CUDA agreement."""
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -83,3 +84,43 @@ def test_more_rows_than_a_grid_dimension():
     assert_close(y, TF.layer_norm(x, (64,), w))
     bn = NF.batch_norm(x, None, None, training=True)
     assert_close(bn, TF.batch_norm(x, None, None, training=True))
+
+
+def misaligned(shape, layout, device="cuda"):
+    """A random tensor of `shape` one float64 into its storage (8 bytes past
+    the allocation's alignment), contiguous or channels_last."""
+    N, C, H, W = shape
+    flat = torch.empty(1 + N * C * H * W, device=device, dtype=torch.float64)[1:]
+    x = flat.view(N, H, W, C).permute(0, 3, 1, 2) if layout == "channels_last" else flat.view(shape)
+    return x.copy_(torch.randn(shape))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_misaligned_storage_takes_the_scalar_path(layout):
+    """Input one element into its storage cannot use 16-byte accesses: the
+    kernels fall back to one element at a time, with the same result."""
+    for ours, ref in ((lambda t: NF.batch_norm(t, None, None, training=True, activation="relu6"),
+                       lambda t: TF.relu6(TF.batch_norm(t, None, None, training=True))),
+                      (lambda t: NF.group_norm(t, 2), lambda t: TF.group_norm(t, 2)),
+                      (lambda t: NF.layer_norm(t, (6,)), lambda t: TF.layer_norm(t, (6,)))):
+        xo = misaligned((4, 8, 6, 6), layout).requires_grad_()
+        xr = xo.detach().clone().requires_grad_()
+        assert xo.data_ptr() % 16 != 0
+        yo, yr = ours(xo), ref(xr)
+        assert_close(yo, yr)
+        g = torch.randn_like(yr)
+        yo.backward(g), yr.backward(g)
+        assert_close(xo.grad, xr.grad, grad=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available()
+                    and torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+                    reason="needs 40 GiB of GPU memory")
+def test_more_than_2_31_elements():
+    """Past 2^31 elements the elementwise kernels index in 64 bits."""
+    C = 4
+    x = torch.randn(2**29 + 8, C, device="cuda", dtype=torch.bfloat16)  # 2^31 + 32 elements
+    y = NF.batch_norm(x, None, None, training=True)
+    ref = TF.batch_norm(x.float(), None, None, training=True)
+    for rows in (slice(0, 4096), slice(-4096, None)):
+        assert_close(y[rows].float(), ref[rows], torch.bfloat16)
