@@ -243,7 +243,8 @@ struct BatchNormOps {
     check_same_device(mean, var, kOp, "var");
     check_running(mean, running_mean, "running_mean");
     check_running(mean, running_var, "running_var");
-    if (count <= 0 || mean.numel() == 0) return;
+    if (count <= 0 || mean.numel() == 0 || (!present(running_mean) && !present(running_var)))
+      return;
     const double unbias = double(count) / double(std::max<int64_t>(count - 1, 1));
     B::update_running(running_mean, running_var, mean, var, momentum, unbias);
     // A kernel's write is invisible to autograd: bump the version counters as

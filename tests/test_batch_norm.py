@@ -311,6 +311,16 @@ def test_update_running_stats(device, running_dtype, count):
     torch.testing.assert_close(rv.double(), want_v, **tol)
 
 
+@devices
+def test_update_running_stats_edge_cases(device):
+    mean, var = torch.randn(5, device=device), torch.rand(5, device=device)
+    torch.ops.normops.update_running_stats(None, None, mean, var, 0.1, 8)  # nothing to update
+    rm, rv = torch.zeros(5, device=device), torch.ones(5, device=device)
+    torch.ops.normops.update_running_stats(rm, rv, mean.half(), var.half(), 0.5, 8)
+    torch.testing.assert_close(rm, mean.half().float() * 0.5)
+    torch.testing.assert_close(rv, 0.5 + var.half().float() * (8 / 7) * 0.5)
+
+
 def test_update_running_stats_bad_input_writes_nothing():
     rm, rv = torch.zeros(4), torch.ones(4)
     with pytest.raises(RuntimeError, match="running_var"):

@@ -84,6 +84,15 @@ def test_more_rows_than_a_grid_dimension():
     assert_close(y, TF.layer_norm(x, (64,), w))
     bn = NF.batch_norm(x, None, None, training=True)
     assert_close(bn, TF.batch_norm(x, None, None, training=True))
+    # Group norm on rows (2-D input, channels_last): more samples than the
+    # grid's z dimension (65535) holds.
+    for xs in (x, torch.randn(65537, 8, 2, 2, device="cuda").to(memory_format=torch.channels_last)):
+        xo, xr = xs.detach().clone().requires_grad_(), xs.detach().clone().requires_grad_()
+        yo, yr = NF.group_norm(xo, 2), TF.group_norm(xr, 2)
+        assert_close(yo, yr)
+        g = torch.randn_like(yr)
+        yo.backward(g), yr.backward(g)
+        assert_close(xo.grad, xr.grad, grad=True)
 
 
 def misaligned(shape, layout, device="cuda"):

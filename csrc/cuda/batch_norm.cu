@@ -266,7 +266,11 @@ struct CudaBatchNorm : ChannelDrivers {
     Tensor dbl = at::empty({3, C}, mean.options().dtype(at::kDouble));
     Tensor consts = at::empty({3, C}, mean.options().dtype(acc));
     Tensor w = acc_param(weight, acc), b = acc_param(bias, acc);
-    Tensor m = mean.contiguous(), q = var.to(mean.scalar_type()).contiguous();
+    // Statistics of two dtypes are both read in double (var is not rounded to
+    // a half mean's precision).
+    const auto stat_dtype =
+        var.scalar_type() == mean.scalar_type() ? mean.scalar_type() : at::kDouble;
+    Tensor m = mean.to(stat_dtype).contiguous(), q = var.to(stat_dtype).contiguous();
     if (C > 0) {
       auto stream = c10::cuda::getCurrentCUDAStream();
       AT_DISPATCH_FLOATING_TYPES(acc, "normops_fold_cuda", [&] {
@@ -300,7 +304,7 @@ struct CudaBatchNorm : ChannelDrivers {
       using R = scalar_t;
       R* rm = present(running_mean) ? running_mean->mutable_data_ptr<R>() : nullptr;
       R* rv = present(running_var) ? running_var->mutable_data_ptr<R>() : nullptr;
-      AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "normops_update_running_stats_cuda", [&] {
+      NORMOPS_CUDA_DISPATCH(mean.scalar_type(), "normops_update_running_stats_cuda", [&] {
         update_running_kernel<R, scalar_t><<<blocks_for(C), kBlock, 0, stream>>>(
             rm, rv, mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(), C, momentum,
             unbias);

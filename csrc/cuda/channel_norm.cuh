@@ -123,35 +123,37 @@ __global__ void plane_moments_kernel(const T* __restrict__ x, int64_t planes, in
 }
 
 // Column moments of `samples` blocks of rows x C (rows_per_sample rows each):
-// grid (C / 32, splits, samples), block (32, kRowsPerBlock). Writes
-// partials [samples, splits, C] with counts [splits].
+// grid (C / 32, splits, up to 65535 sample slots), block (32,
+// kRowsPerBlock). Writes partials [samples, splits, C].
 template <typename T, typename A>
 __global__ void column_moments_kernel(const T* __restrict__ x, int64_t rows_per_sample, int64_t C,
-                                      A* __restrict__ pn, A* __restrict__ pmean,
+                                      int64_t samples, A* __restrict__ pn, A* __restrict__ pmean,
                                       A* __restrict__ pm2) {
   __shared__ A sn[kRowsPerBlock][kWarp], sm[kRowsPerBlock][kWarp], sq[kRowsPerBlock][kWarp];
   const int64_t c = int64_t(blockIdx.x) * kWarp + threadIdx.x;
-  const int64_t splits = gridDim.y, s = blockIdx.z;
+  const int64_t splits = gridDim.y;
   const int64_t r0 = rows_per_sample * blockIdx.y / splits;
   const int64_t r1 = rows_per_sample * (blockIdx.y + 1) / splits;
-  const T* xs = x + s * rows_per_sample * C;
-  A n = 0, mu = 0, q = 0;
-  if (c < C) {
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowsPerBlock) {
-      welford_add(n, mu, q, static_cast<A>(xs[r * C + c]));
+  for (int64_t s = blockIdx.z; s < samples; s += gridDim.z) {
+    const T* xs = x + s * rows_per_sample * C;
+    A n = 0, mu = 0, q = 0;
+    if (c < C) {
+      for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowsPerBlock)
+        welford_add(n, mu, q, static_cast<A>(xs[r * C + c]));
     }
-  }
-  sn[threadIdx.y][threadIdx.x] = n;
-  sm[threadIdx.y][threadIdx.x] = mu;
-  sq[threadIdx.y][threadIdx.x] = q;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    for (int k = 1; k < kRowsPerBlock; ++k)
-      chan_merge(n, mu, q, sn[k][threadIdx.x], sm[k][threadIdx.x], sq[k][threadIdx.x]);
-    const int64_t o = (s * splits + blockIdx.y) * C + c;
-    pn[o] = n;
-    pmean[o] = mu;
-    pm2[o] = q;
+    sn[threadIdx.y][threadIdx.x] = n;
+    sm[threadIdx.y][threadIdx.x] = mu;
+    sq[threadIdx.y][threadIdx.x] = q;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+      for (int k = 1; k < kRowsPerBlock; ++k)
+        chan_merge(n, mu, q, sn[k][threadIdx.x], sm[k][threadIdx.x], sq[k][threadIdx.x]);
+      const int64_t o = (s * splits + blockIdx.y) * C + c;
+      pn[o] = n;
+      pmean[o] = mu;
+      pm2[o] = q;
+    }
+    __syncthreads();  // the shared partials are rewritten for the next sample
   }
 }
 
@@ -182,10 +184,11 @@ inline int64_t row_splits(int64_t rows, int64_t C, int64_t samples) {
 }
 
 // The column kernels over `samples` blocks of rows_per_sample rows x C:
-// partials [samples, splits, C].
+// partials [samples, splits, C]. Samples past the grid's z limit (65535)
+// are looped over.
 inline dim3 column_grid(int64_t C, int64_t splits, int64_t samples) {
   return dim3(static_cast<unsigned>((C + kWarp - 1) / kWarp), static_cast<unsigned>(splits),
-              static_cast<unsigned>(samples));
+              static_cast<unsigned>(std::min<int64_t>(samples, 65535)));
 }
 
 // Pointers to the K rows of a [K, n] tensor of per-block partials.
@@ -208,7 +211,7 @@ void launch_column_moments(const T* x, int64_t rows_per_sample, int64_t C, int64
                            int64_t samples, A* pn, A* pmean, A* pm2) {
   column_moments_kernel<T, A>
       <<<column_grid(C, splits, samples), dim3(kWarp, kRowsPerBlock), 0,
-         c10::cuda::getCurrentCUDAStream()>>>(x, rows_per_sample, C, pn, pmean, pm2);
+         c10::cuda::getCurrentCUDAStream()>>>(x, rows_per_sample, C, samples, pn, pmean, pm2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -343,38 +346,41 @@ __global__ void plane_grad_sums_kernel(const T* __restrict__ dy, const T* __rest
 
 template <Act act, typename T, typename A, class K>
 __global__ void column_grad_sums_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                                        int64_t rows_per_sample, int64_t C,
+                                        int64_t rows_per_sample, int64_t C, int64_t samples,
                                         K consts, A* __restrict__ psum_dy,
                                         A* __restrict__ psum_dy_xmu) {
   __shared__ A sa[kRowsPerBlock][kWarp], sb[kRowsPerBlock][kWarp];
   const int64_t c = int64_t(blockIdx.x) * kWarp + threadIdx.x;
-  const int64_t splits = gridDim.y, s = blockIdx.z;
+  const int64_t splits = gridDim.y;
   const int64_t r0 = rows_per_sample * blockIdx.y / splits;
   const int64_t r1 = rows_per_sample * (blockIdx.y + 1) / splits;
-  const int64_t base = s * rows_per_sample * C;
-  A a = 0, b = 0;
-  if (c < C) {
-    A m, sc, h;
-    consts(s * C + c, m, sc, h);  // per (sample, channel); one sample: per channel
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowsPerBlock) {
-      const A xv = static_cast<A>(x[base + r * C + c]);
-      const A g = activation_grad<act>(as_stored<T, A>((xv - m) * sc + h),
-                                       static_cast<A>(dy[base + r * C + c]));
-      a += g;
-      b += g * (xv - m);
+  for (int64_t s = blockIdx.z; s < samples; s += gridDim.z) {
+    const int64_t base = s * rows_per_sample * C;
+    A a = 0, b = 0;
+    if (c < C) {
+      A m, sc, h;
+      consts(s * C + c, m, sc, h);  // per (sample, channel); one sample: per channel
+      for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowsPerBlock) {
+        const A xv = static_cast<A>(x[base + r * C + c]);
+        const A g = activation_grad<act>(as_stored<T, A>((xv - m) * sc + h),
+                                         static_cast<A>(dy[base + r * C + c]));
+        a += g;
+        b += g * (xv - m);
+      }
     }
-  }
-  sa[threadIdx.y][threadIdx.x] = a;
-  sb[threadIdx.y][threadIdx.x] = b;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    for (int k = 1; k < kRowsPerBlock; ++k) {
-      a += sa[k][threadIdx.x];
-      b += sb[k][threadIdx.x];
+    sa[threadIdx.y][threadIdx.x] = a;
+    sb[threadIdx.y][threadIdx.x] = b;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+      for (int k = 1; k < kRowsPerBlock; ++k) {
+        a += sa[k][threadIdx.x];
+        b += sb[k][threadIdx.x];
+      }
+      const int64_t o = (s * splits + blockIdx.y) * C + c;
+      psum_dy[o] = a;
+      psum_dy_xmu[o] = b;
     }
-    const int64_t o = (s * splits + blockIdx.y) * C + c;
-    psum_dy[o] = a;
-    psum_dy_xmu[o] = b;
+    __syncthreads();  // the shared partials are rewritten for the next sample
   }
 }
 
@@ -384,8 +390,8 @@ void launch_column_grad_sums(const T* dy, const T* x, int64_t rows_per_sample, i
                              A* psum_dy_xmu) {
   column_grad_sums_kernel<act, T, A>
       <<<column_grid(C, splits, samples), dim3(kWarp, kRowsPerBlock), 0,
-         c10::cuda::getCurrentCUDAStream()>>>(dy, x, rows_per_sample, C, consts, psum_dy,
-                                              psum_dy_xmu);
+         c10::cuda::getCurrentCUDAStream()>>>(dy, x, rows_per_sample, C, samples, consts,
+                                              psum_dy, psum_dy_xmu);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
