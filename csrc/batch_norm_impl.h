@@ -65,14 +65,6 @@ inline Folded fold_aten(const Tensor& mean, const Tensor& var, const OptTensor& 
   return f;
 }
 
-// Weight or bias gradient: the parameter's dtype (the input's when it is
-// absent), 0 elements when not wanted.
-inline Tensor param_grad(const Tensor& input, bool wanted, const OptTensor& param,
-                         const Tensor& value) {
-  const auto dt = present(param) ? param->scalar_type() : input.scalar_type();
-  return wanted ? value.to(dt) : at::empty({0}, input.options().dtype(dt));
-}
-
 inline void check_running(const Tensor& mean, const OptTensor& running, const char* name) {
   if (!present(running)) return;
   check_same_device(mean, *running, kOp, name);
@@ -226,8 +218,9 @@ struct BatchNormOps {
             ? at::empty({0}, input.options())
             : grad_input_impl(v, dy, f, batch_stats ? sum_dy / double(count) : at::zeros({C}, dopts),
                               batch_stats ? sum_dy_xmu / double(count) : at::zeros({C}, dopts), act);
-    return {grad_input, param_grad(input, output_mask[1], weight, sum_dy_xmu * f.invstd),
-            param_grad(input, output_mask[2], bias, sum_dy)};
+    return {grad_input,
+            param_grad(input, output_mask[1], weight, [&] { return sum_dy_xmu * f.invstd; }),
+            param_grad(input, output_mask[2], bias, [&] { return sum_dy; })};
   }
 
   // running = (1 - momentum) * running + momentum * statistic, with the

@@ -115,6 +115,15 @@ inline std::vector<int64_t> layer_norm_stat_shape(const Tensor& input, int64_t n
   return s;
 }
 
+// A weight or bias gradient, value() computed only when wanted: the
+// parameter's dtype (the input's when it is absent), 0 elements when not
+// wanted.
+template <class F>
+Tensor param_grad(const Tensor& input, bool wanted, const OptTensor& param, F&& value) {
+  const auto dt = present(param) ? param->scalar_type() : input.scalar_type();
+  return wanted ? value().to(dt) : at::empty({0}, input.options().dtype(dt));
+}
+
 // Layer norm's weight (which = 0) or bias (1) gradient from per-chunk partials
 // [2, chunks, D]: the parameter's dtype (the input's when it is absent), and
 // 0 elements when not wanted.

@@ -75,14 +75,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_in_double(const ChannelView& v, int6
   if (v.x.numel() > 0)
     pass(v, G, dy, grad_input, mean_d, rstd_d, w, output_mask[0], sum_dy, sum_dy_xmu);
   // Parameter gradients have the weight's dtype (the input's without one).
-  const auto param_dtype = present(weight) ? weight->scalar_type() : v.x.scalar_type();
-  Tensor rstd_c = per_channel(rstd_d, N, C, G).view({N, C});
-  Tensor grad_weight = output_mask[1]
-                           ? (sum_dy_xmu.view({N, C}) * rstd_c).sum(0).to(param_dtype)
-                           : at::empty({0}, v.x.options().dtype(param_dtype));
-  Tensor grad_bias = output_mask[2] ? sum_dy.view({N, C}).sum(0).to(param_dtype)
-                                    : at::empty({0}, v.x.options().dtype(param_dtype));
-  return {grad_input, grad_weight, grad_bias};
+  return {grad_input, param_grad(v.x, output_mask[1], weight, [&] {
+            return (sum_dy_xmu.view({N, C}) * per_channel(rstd_d, N, C, G).view({N, C})).sum(0);
+          }),
+          param_grad(v.x, output_mask[2], weight, [&] { return sum_dy.view({N, C}).sum(0); })};
 }
 
 template <class B>

@@ -83,8 +83,8 @@ struct CpuBatchNorm : ChannelDrivers {
         }
       });
     });
-    return {dx, batch_norm::param_grad(v.x, mask[1], weight, sum_dy_xmu * f.invstd),
-            batch_norm::param_grad(v.x, mask[2], bias, sum_dy)};
+    return {dx, param_grad(v.x, mask[1], weight, [&] { return sum_dy_xmu * f.invstd; }),
+            param_grad(v.x, mask[2], bias, [&] { return sum_dy; })};
   }
 
   static Folded fold(const Tensor& mean, const Tensor& var, const OptTensor& weight,
@@ -95,15 +95,19 @@ struct CpuBatchNorm : ChannelDrivers {
   static void update_running(const OptTensor& running_mean, const OptTensor& running_var,
                              const Tensor& mean, const Tensor& var, double momentum,
                              double unbias) {
-    const Tensor m = mean.to(at::kDouble), q = var.to(at::kDouble);
     for (const auto& [running, stat, factor] :
-         {std::make_tuple(running_mean, m, 1.0), std::make_tuple(running_var, q, unbias)}) {
+         {std::make_tuple(running_mean, mean, 1.0), std::make_tuple(running_var, var, unbias)}) {
       if (!present(running)) continue;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running->scalar_type(), kOp, [&] {
-        scalar_t* r = running->data_ptr<scalar_t>();
-        const double* s = stat.const_data_ptr<double>();
-        for (int64_t c = 0; c < stat.numel(); ++c)
-          r[c] = static_cast<scalar_t>(running_update(double(r[c]), s[c] * factor, momentum));
+      Tensor r = *running;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), kOp, [&] {
+        using R = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, stat.scalar_type(), kOp, [&] {
+          R* out = r.data_ptr<R>();
+          const scalar_t* in = stat.const_data_ptr<scalar_t>();
+          for (int64_t c = 0; c < stat.numel(); ++c)
+            out[c] = static_cast<R>(
+                running_update(double(out[c]), double(in[c]) * factor, momentum));
+        });
       });
     }
   }

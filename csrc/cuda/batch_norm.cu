@@ -254,8 +254,8 @@ struct CudaBatchNorm : ChannelDrivers {
       channel_grad_input<T>(v, dy, dx, coef[0], coef[1], f.acc_mean, coef[2], f.acc_scale,
                             f.acc_bias, /*per_sample=*/false, act);
     });
-    return {dx, batch_norm::param_grad(v.x, mask[1], weight, grad_weight),
-            batch_norm::param_grad(v.x, mask[2], bias, grad_bias)};
+    return {dx, param_grad(v.x, mask[1], weight, [&] { return grad_weight; }),
+            param_grad(v.x, mask[2], bias, [&] { return grad_bias; })};
   }
 
   // One kernel for the constants of mean and var (any floating dtype).

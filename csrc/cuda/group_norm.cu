@@ -209,11 +209,8 @@ struct CudaGroupNorm : ChannelDrivers {
       channel_grad_input<T>(v, dy, dx, coef[0], coef[1], coef[3], coef[2], coef[0], coef[0],
                             /*per_sample=*/true, 0);
     });
-    const auto param = [&](bool wanted, const Tensor& g) {
-      const auto dt = present(weight) ? weight->scalar_type() : v.x.scalar_type();
-      return wanted ? g.to(dt) : at::empty({0}, v.x.options().dtype(dt));
-    };
-    return {dx, param(output_mask[1], grad_weight), param(output_mask[2], grad_bias)};
+    return {dx, param_grad(v.x, output_mask[1], weight, [&] { return grad_weight; }),
+            param_grad(v.x, output_mask[2], weight, [&] { return grad_bias; })};
   }
 };
 
