@@ -13,30 +13,17 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-import normops.functional as NF
+from benchmarks.run import BUILDERS
 
-EPS = 1e-5
-CASES = {  # family: (shape, normops step, ATen step)
-    "bn": ((32, 256, 56, 56),
-           lambda x, w, b, rm, rv: NF.batch_norm(x, rm, rv, w, b, True, 0.1, EPS),
-           lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, True, 0.1, EPS)),
-    "bn_relu6": ((32, 144, 56, 56),
-                 lambda x, w, b, rm, rv: NF.batch_norm(x, rm, rv, w, b, True, 0.1, EPS,
-                                                       activation="relu6"),
-                 lambda x, w, b, rm, rv: F.relu6(F.batch_norm(x, rm, rv, w, b, True, 0.1, EPS))),
-    "ln": ((8192, 4096),
-           lambda x, w, b, rm, rv: NF.layer_norm(x, x.shape[-1:], w, b, EPS),
-           lambda x, w, b, rm, rv: F.layer_norm(x, x.shape[-1:], w, b, EPS)),
-    "in": ((8, 64, 128, 128),
-           lambda x, w, b, rm, rv: NF.instance_norm(x, None, None, w, b, True, 0.1, EPS),
-           lambda x, w, b, rm, rv: F.instance_norm(x, None, None, w, b, True, 0.1, EPS)),
-    "gn": ((32, 512, 28, 28),
-           lambda x, w, b, rm, rv: NF.group_norm(x, 32, w, b, EPS),
-           lambda x, w, b, rm, rv: F.group_norm(x, 32, w, b, EPS)),
-}
+CASES = [  # family, shape, builder arguments: one representative shape each
+    ("bn", (32, 256, 56, 56), {}),
+    ("bn_relu6", (32, 144, 56, 56), {}),
+    ("ln", (8192, 4096), {}),
+    ("in", (8, 64, 128, 128), {}),
+    ("gn", (32, 512, 28, 28), {"groups": 32}),
+]
 
 
 def step_stats(step, reps=20):
@@ -66,21 +53,18 @@ def main():
           "per training step (forward + backward)")
     print(f"{'op':>9} {'shape':>17} {'layout':>6} {'impl':>8} {'kernels':>8} {'device ms':>10} "
           f"{'wall ms':>8}")
-    for family, (shape, ours, theirs) in CASES.items():
+    for family, shape, kwargs in CASES:
         layouts = ["rows"] if len(shape) == 2 else ["NCHW", "NHWC"]
         for layout in layouts:
             fmt = {"memory_format": torch.channels_last} if layout == "NHWC" else {}
             x = torch.randn(shape, device="cuda").to(dtype=dtype, **fmt).requires_grad_()
             dy = torch.randn_like(x)
-            C = shape[-1] if len(shape) == 2 else shape[1]
-            # float32 parameters for batch norm (AMP), the input's dtype otherwise
-            pdt = torch.float32 if family.startswith("bn") else dtype
-            w = (torch.rand(C, device="cuda") + 0.5).to(pdt).requires_grad_()
-            b = torch.randn(C, device="cuda").to(pdt).requires_grad_()
-            rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
-            for impl, fn in (("normops", ours), ("aten", theirs)):
+            params, make = BUILDERS[family](shape, "cuda", dtype, **kwargs)
+            for impl in ("normops", "aten"):
+                fn = make(impl)
+
                 def step():
-                    torch.autograd.grad(fn(x, w, b, rm, rv), (x, w, b), dy)
+                    torch.autograd.grad(fn(x), (x, *params), dy)
                 n, dev, wall = step_stats(step)
                 print(f"{family:>9} {'x'.join(map(str, shape)):>17} {layout:>6} {impl:>8} "
                       f"{n:8.1f} {dev * 1e3:10.3f} {wall * 1e3:8.3f}")
