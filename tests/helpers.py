@@ -68,11 +68,11 @@ def assert_grads_close(y, expected, inputs):
         assert_close(a, e, grad=True)
 
 
-def step_and_compare(ours, ref, x, act=None, steps=2, dtype=None):
+def step_and_compare(ours, ref, x, act=None, steps=2, dtype=None, **tol):
     """Runs both modules `steps` times on x (as a leaf needing grad) and
     compares outputs, input and parameter gradients, and buffers after every
     step (num_batches_tracked exactly). `act` follows `ref` (an unfused
-    activation)."""
+    activation); `tol` (rtol, atol) replaces the dtype's tolerances."""
     for _ in range(steps):
         xo = x.detach().clone().requires_grad_()
         xr = x.detach().clone().requires_grad_()
@@ -80,16 +80,17 @@ def step_and_compare(ours, ref, x, act=None, steps=2, dtype=None):
         yr = ref(xr)
         if act is not None:
             yr = act(yr)
-        assert_close(yo, yr, dtype)
+        assert_close(yo, yr, dtype, **tol)
         assert yo.dtype == yr.dtype and yo.shape == yr.shape
         g = torch.randn_like(yr)
         yo.backward(g)
         yr.backward(g)
-        assert_close(xo.grad, xr.grad, dtype, grad=True)
-        for po, pr in zip(ours.parameters(), ref.parameters()):
-            assert_close(po.grad, pr.grad, dtype, grad=True)
+        assert_close(xo.grad, xr.grad, dtype, grad=True, **tol)
+        for (name, po), pr in zip(ours.named_parameters(), ref.parameters()):
+            assert po.grad is not None, name
+            assert_close(po.grad, pr.grad, dtype, grad=True, **tol)
         for bo, br in zip(ours.buffers(), ref.buffers()):
             if bo.is_floating_point():
-                assert_close(bo, br, dtype)
+                assert_close(bo, br, dtype, **tol)
             else:
                 assert torch.equal(bo, br)

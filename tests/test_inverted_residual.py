@@ -10,7 +10,7 @@ import torch
 
 import normops
 import reference_models as ref_models
-from helpers import assert_close, make_input
+from helpers import assert_close, make_input, step_and_compare
 from normops.ops.inverted_residual import reference as op_reference
 
 SHAPES = json.loads((Path(__file__).parents[1] / "benchmarks" / "shapes.json").read_text())
@@ -63,24 +63,7 @@ def test_eval_matches_torchvision_block(cfg, dtype, layout):
 
 def _train_compare(ours, ref, x, dtype, steps=2):
     tol = {} if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
-    for _ in range(steps):
-        xo, xr = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
-        yo, yr = ours(xo), ref(xr)
-        assert_close(yo, yr, **tol)
-        g = torch.randn_like(yr)
-        yo.backward(g)
-        yr.backward(g)
-        assert_close(xo.grad, xr.grad, grad=True, **tol)
-        for (name, po), pr in zip(ours.named_parameters(), ref.parameters()):
-            assert po.grad is not None, name
-            torch.testing.assert_close(po.grad, pr.grad, msg=name, **(
-                tol or dict(rtol=1e-8, atol=1e-8)))
-            po.grad = pr.grad = None
-        for (name, bo), br in zip(ours.named_buffers(), ref.buffers()):
-            if bo.is_floating_point():
-                torch.testing.assert_close(bo, br, msg=name, **(tol or dict(rtol=1e-9, atol=1e-9)))
-            else:
-                assert torch.equal(bo, br), name
+    step_and_compare(ours, ref, x, steps=steps, **tol)
 
 
 @pytest.mark.parametrize("cfg", BLOCKS, ids=block_id)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import normops
-from helpers import assert_close
+from helpers import assert_close, step_and_compare
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -77,21 +77,7 @@ def _train_and_compare(ref, make_input, steps=2):
     assert not any(type(m) in (nn.BatchNorm2d, nn.LayerNorm) for m in ours.modules())
     compiled = torch.compile(ours, fullgraph=True)
     for _ in range(steps):
-        x = make_input()
-        xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-        yr, yo = ref(xr), compiled(xo)
-        assert_close(yo, yr, **TOL)
-        g = torch.randn_like(yr)
-        yr.backward(g)
-        yo.backward(g)
-        assert_close(xo.grad, xr.grad, **TOL)
-        for po, pr in zip(ours.parameters(), ref.parameters()):
-            assert_close(po.grad, pr.grad, **TOL)
-        for bo, br in zip(ours.buffers(), ref.buffers()):
-            if bo.is_floating_point():
-                assert_close(bo, br, **TOL)
-            else:
-                assert torch.equal(bo, br)
+        step_and_compare(compiled, ref, make_input(), steps=1, **TOL)
     ref.eval(), ours.eval()
     x = make_input()
     with torch.no_grad():
