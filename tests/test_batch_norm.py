@@ -170,6 +170,22 @@ def test_large_mean_variance():
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-3)
 
 
+@devices
+@pytest.mark.parametrize("C", [4, 576])
+def test_channels_last_variance_with_outlier_rows(device, C):
+    """Channels_last statistics are summed in row blocks shifted by a value of
+    the block: a far outlier in a block's first row, on a large mean, must not
+    cost the variance its accuracy."""
+    x = make_input((8, C, 16, 16), torch.float32, layout="channels_last", offset=1e4)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, C)  # a view: writes land in x
+    rows[::8] += 40.0
+    x = x.to(device)
+    mean, var = torch.ops.normops.batch_norm_stats(x)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=0)
+
+
 def test_constant_channels_give_bias():
     x = torch.full((4, 3, 5, 5), 3e7)
     m = normops.nn.BatchNorm2d(3)

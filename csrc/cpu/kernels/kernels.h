@@ -47,8 +47,9 @@ struct Kernels {
 
   // Moments of all the elements of a span set, blocked two-pass.
   void (*span_moments)(const T* x, int64_t len, int64_t stride, int64_t count, A* mean, A* m2);
-  // Moments of each column of a rows x C block (mean[c], m2[c]): exact
-  // two-pass over cache blocks of block_rows rows, Chan-merged. scratch: 3*C.
+  // Moments of each column of a rows x C block (mean[c], m2[c]): one pass
+  // over blocks of block_rows rows, each shifted by its first row, Chan-merged.
+  // scratch: 3*C.
   void (*column_moments)(const T* x, int64_t rows, int64_t C, int64_t block_rows, A* mean,
                          A* m2, A* scratch);
   // Chan-merge column moments of a block of count_b rows into accumulators
