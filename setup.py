@@ -34,7 +34,10 @@ def extension():
                      + glob.glob("csrc/cpu/kernels/*.cpp"))
     # OpenMP: at::parallel_for is inlined into our code, and its pragmas need
     # -fopenmp to run in parallel. libgomp.so.1 is the one torch loaded.
-    cxx = opt + ["-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+    # -fno-trapping-math: the select-based half/bfloat16 conversions compute
+    # both arms in float; assuming no FP traps lets GCC vectorise them.
+    cxx = opt + ["-fopenmp", "-fvisibility=hidden", "-fno-trapping-math", "-Wall",
+                 "-Wno-unknown-pragmas"]
     kwargs = dict(
         name="normops._C",
         sources=sources,

@@ -21,11 +21,14 @@ namespace normops {
 namespace cpu {
 
 // Storage types of reduced-precision inputs, bit-compatible with
-// c10::BFloat16 and c10::Half.
+// c10::BFloat16 and c10::Half. Plain bits, converted with integer and float
+// arithmetic that vectorises (GCC converts _Float16 one element at a time).
 struct bf16_t {
   uint16_t bits;
 };
-using half_t = _Float16;
+struct half_t {
+  uint16_t bits;
+};
 
 // Accumulation type: double for double, float otherwise.
 template <typename T>

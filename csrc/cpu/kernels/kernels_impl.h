@@ -21,12 +21,28 @@ constexpr int64_t kBlockElems = 8192;
 
 NORMOPS_INLINE float load(float v) { return v; }
 NORMOPS_INLINE double load(double v) { return v; }
-NORMOPS_INLINE float load(half_t v) { return static_cast<float>(v); }
-NORMOPS_INLINE float load(bf16_t v) {
-  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+NORMOPS_INLINE float float_of(uint32_t u) {
   float f;
   __builtin_memcpy(&f, &u, sizeof(f));
   return f;
+}
+NORMOPS_INLINE uint32_t bits_of(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof(u));
+  return u;
+}
+NORMOPS_INLINE float load(bf16_t v) { return float_of(static_cast<uint32_t>(v.bits) << 16); }
+// IEEE half -> float, exact. Normal halves move their exponent from bias 15
+// to bias 127; infinities and NaNs get the all-ones exponent; subnormals
+// (and zero) are their mantissa m times 2^-24.
+NORMOPS_INLINE float load(half_t v) {
+  const uint32_t magnitude = v.bits & 0x7fffu;
+  const uint32_t sign = static_cast<uint32_t>(v.bits & 0x8000u) << 16;
+  const uint32_t rebiased = (magnitude << 13) + ((127u - 15u) << 23);
+  const uint32_t normal = magnitude >= 0x7c00u ? rebiased + ((255u - 31u - 112u) << 23) : rebiased;
+  // 2^-14 * (1 + m * 2^-10) - 2^-14 = m * 2^-24, exactly.
+  const uint32_t subnormal = bits_of(float_of((113u << 23) | (magnitude << 13)) - 0x1p-14f);
+  return float_of(sign | (magnitude < 0x0400u ? subnormal : normal));
 }
 
 template <typename T>
@@ -36,10 +52,28 @@ NORMOPS_INLINE T store(acc_t<T> v) {
 template <>
 NORMOPS_INLINE bf16_t store<bf16_t>(float v) {
   // Round to nearest even, NaN kept quiet: what c10::BFloat16 does.
-  uint32_t u;
-  __builtin_memcpy(&u, &v, sizeof(u));
+  const uint32_t u = bits_of(v);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   return bf16_t{static_cast<uint16_t>(v != v ? 0x7fc0u : rounded)};
+}
+// float -> IEEE half, round to nearest even, as c10::Half converts. From
+// 2^-14 up, the 13 dropped mantissa bits are rounded into the rest and the
+// exponent rebiased (a carry may reach infinity, as it should); below, adding
+// 0.5 rounds the value to a multiple of 2^-24, the half subnormal step, and
+// the sum's low bits are that multiple. NaNs become the quiet NaN 0x7e00.
+template <>
+NORMOPS_INLINE half_t store<half_t>(float v) {
+  const uint32_t u = bits_of(v);
+  const uint32_t magnitude = u & 0x7fffffffu;
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  // Clamped below the exponent where it starts overflowing: infinity from
+  // 65520 up (and for infinities themselves).
+  const uint32_t clamped = magnitude < 0x477ff000u ? magnitude : 0x477ff000u;
+  const uint32_t normal = ((clamped + 0xfffu + ((clamped >> 13) & 1u)) >> 13) - (112u << 10);
+  const uint32_t subnormal = bits_of(float_of(magnitude) + 0.5f) - bits_of(0.5f);
+  const uint32_t finite = magnitude >= 0x38800000u ? normal : subnormal;
+  const uint32_t half = magnitude > 0x7f800000u ? 0x7e00u : finite;
+  return half_t{static_cast<uint16_t>(sign | half)};
 }
 
 // The pre-activation as the forward stored it (rounded to T), so that the
@@ -88,6 +122,24 @@ NORMOPS_INLINE void block_moments(const T* x, int64_t len, int64_t stride, int64
   m2 = corrected > A(0) ? corrected : A(0);
 }
 
+// Half-precision runs shorter than a block are widened into one contiguous
+// block of the accumulation type before they are reduced: a reduction per
+// short run ends in a horizontal sum per run, which the vectoriser makes
+// dearer than the run itself for 16-bit types (32 lanes).
+template <typename T>
+constexpr bool kWidenShortRuns = !std::is_same<T, acc_t<T>>::value;
+
+template <typename T>
+NORMOPS_INLINE void widen_runs(const T* x, int64_t len, int64_t stride, int64_t runs,
+                               acc_t<T>* out) {
+  for (int64_t j = 0; j < runs; ++j) {
+    const T* __restrict xj = x + j * stride;
+    acc_t<T>* __restrict oj = out + j * len;
+    NORMOPS_SIMD
+    for (int64_t i = 0; i < len; ++i) oj[i] = load(xj[i]);
+  }
+}
+
 // Spans: `count` runs of `len` contiguous elements, run j at x + j * stride
 // (an NCHW channel across the batch, a group, or one plane). Long runs are
 // cut into blocks, short ones gathered into blocks, so every block is
@@ -109,7 +161,13 @@ void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, acc_t<
     const int64_t per_block = kBlockElems / len;
     for (int64_t j0 = 0; j0 < count; j0 += per_block) {
       const int64_t runs = count - j0 < per_block ? count - j0 : per_block;
-      block_moments(x + j0 * stride, len, stride, runs, bm, bq);
+      if constexpr (kWidenShortRuns<T>) {
+        alignas(64) static thread_local A wide[kBlockElems];
+        widen_runs(x + j0 * stride, len, stride, runs, wide);
+        block_moments(wide, len * runs, 0, 1, bm, bq);
+      } else {
+        block_moments(x + j0 * stride, len, stride, runs, bm, bq);
+      }
       chan_merge(n, mu, q, A(len * runs), bm, bq);
     }
   }
@@ -228,27 +286,48 @@ void row_affine(const T* __restrict x, T* __restrict y, int64_t rows, int64_t C,
   }
 }
 
+// Adds the sums of g and g * (x - m) over n contiguous values (T, or T's
+// values widened) to the totals; g is dy masked at x's pre-activation.
+template <typename T, Act act, typename X>
+NORMOPS_INLINE void add_grad_sums(const X* __restrict x, const X* __restrict dy, int64_t n,
+                                  acc_t<T> m, acc_t<T> s, acc_t<T> h, double& total_dy,
+                                  double& total_dy_xmu) {
+  using A = acc_t<T>;
+  A a = 0, b = 0;
+  NORMOPS_SIMD_SUM(a, b)
+  for (int64_t i = 0; i < n; ++i) {
+    const A xv = load(x[i]);
+    const A g = activation_grad<act>(as_stored<T>((xv - m) * s + h), A(load(dy[i])));
+    a += g;
+    b += g * (xv - m);
+  }
+  total_dy += a;
+  total_dy_xmu += b;
+}
+
 template <typename T, Act act>
 void span_grad_sums(const T* dy, const T* x, int64_t len, int64_t stride, int64_t count,
                     acc_t<T> m, acc_t<T> s, acc_t<T> h, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xmu) {
   using A = acc_t<T>;
   // Blocks summed in double: long spans keep full accuracy in float.
   double total_dy = 0, total_dy_xmu = 0;
-  for (int64_t j = 0; j < count; ++j) {
-    for (int64_t b0 = 0; b0 < len; b0 += kBlockElems) {
-      const int64_t n = len - b0 < kBlockElems ? len - b0 : kBlockElems;
-      const T* __restrict xb = x + j * stride + b0;
-      const T* __restrict gb = dy + j * stride + b0;
-      A a = 0, b = 0;
-      NORMOPS_SIMD_SUM(a, b)
-      for (int64_t i = 0; i < n; ++i) {
-        const A xv = load(xb[i]);
-        const A g = activation_grad<act>(as_stored<T>((xv - m) * s + h), A(load(gb[i])));
-        a += g;
-        b += g * (xv - m);
+  constexpr int64_t kWide = kBlockElems / 2;  // x and dy widened side by side
+  if (kWidenShortRuns<T> && len > 0 && len < kWide) {
+    const int64_t per_block = kWide / len;
+    alignas(64) static thread_local A wide_x[kWide], wide_dy[kWide];
+    for (int64_t j0 = 0; j0 < count; j0 += per_block) {
+      const int64_t runs = count - j0 < per_block ? count - j0 : per_block;
+      widen_runs(x + j0 * stride, len, stride, runs, wide_x);
+      widen_runs(dy + j0 * stride, len, stride, runs, wide_dy);
+      add_grad_sums<T, act>(wide_x, wide_dy, len * runs, m, s, h, total_dy, total_dy_xmu);
+    }
+  } else {
+    for (int64_t j = 0; j < count; ++j) {
+      for (int64_t b0 = 0; b0 < len; b0 += kBlockElems) {
+        const int64_t n = len - b0 < kBlockElems ? len - b0 : kBlockElems;
+        add_grad_sums<T, act>(x + j * stride + b0, dy + j * stride + b0, n, m, s, h, total_dy,
+                              total_dy_xmu);
       }
-      total_dy += a;
-      total_dy_xmu += b;
     }
   }
   *sum_dy = A(total_dy);
