@@ -2,7 +2,7 @@
 import torch
 
 from . import nn as nnops
-from .inverted_residual import block_stages
+from .inverted_residual import block_stages, has_hooks
 
 # Exact torch.nn type -> normops type. Subclasses of these are left alone:
 # they may override forward.
@@ -20,25 +20,37 @@ _SWAPS = {
 _ACTIVATIONS = {torch.nn.ReLU: "relu", torch.nn.ReLU6: "relu6"}
 
 
-def _fuse_activations(seq: torch.nn.Sequential) -> None:
+def _fuse_activations(seq: torch.nn.Sequential, shared: set) -> None:
     """A BatchNorm2d directly followed by ReLU/ReLU6 in a Sequential becomes a
     BatchNormAct2d; the activation's slot becomes an Identity, so indices and
-    state_dict keys stay."""
+    state_dict keys stay. Not when the fusion would show: a batch norm also
+    used elsewhere in the model (`shared` ids) would apply the activation
+    there too, a hook on its output would see the activation's, and the
+    activation's own hooks would no longer run."""
     names = list(seq._modules)
     for first, second in zip(names, names[1:]):
         bn, act = seq._modules[first], seq._modules[second]
-        if type(bn) in (torch.nn.BatchNorm2d, nnops.BatchNorm2d) and type(act) in _ACTIVATIONS:
+        if (type(bn) in (torch.nn.BatchNorm2d, nnops.BatchNorm2d) and type(act) in _ACTIVATIONS
+                and id(bn) not in shared and not has_hooks(bn, pre=False)
+                and not has_hooks(act)):
             bn.__class__ = nnops.BatchNormAct2d
             bn.activation = _ACTIVATIONS[type(act)]
             seq._modules[second] = torch.nn.Identity()
 
 
 def _inverted_residual_stride(module: torch.nn.Module):
-    """The stride of a torchvision-style InvertedResidual (recognised by its
-    structure: a `conv` Sequential of [1x1 conv, BN, ReLU6], [3x3 depthwise,
-    BN, ReLU6], 1x1 conv, BN, and a `use_res_connect` that matches it), else
-    None."""
-    if not hasattr(module, "use_res_connect"):
+    """The stride of a torchvision-style InvertedResidual, else None. Recognised
+    by structure: a class named InvertedResidual deriving directly from
+    nn.Module (a subclass, or another class, may have its own forward), with
+    no parameters, buffers or children of its own but a `conv` Sequential of
+    [1x1 conv, BN, ReLU6], [3x3 depthwise, BN, ReLU6], 1x1 conv, BN, and a
+    `use_res_connect` that matches it."""
+    if type(module) is not nnops.InvertedResidual and not (
+            type(module).__name__ == "InvertedResidual"
+            and type(module).__bases__ == (torch.nn.Module,)):
+        return None
+    if (not hasattr(module, "use_res_connect") or set(module._modules) != {"conv"}
+            or module._parameters or module._buffers):
         return None
     found = block_stages(getattr(module, "conv", None))
     if found is None:
@@ -59,6 +71,9 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
     The modules keep their identity, parameters, buffers, hooks and training
     flag (only their class changes), so optimizers and state_dict keys are
     unaffected. Returns `model`."""
+    seen, shared = set(), set()
+    for _, m in model.named_modules(remove_duplicate=False):
+        (shared if id(m) in seen else seen).add(id(m))
     blocks = [(m, s) for m in model.modules()
               if (s := _inverted_residual_stride(m)) is not None]
     in_blocks = {id(sub) for block, _ in blocks for sub in block.conv.modules()}
@@ -68,7 +83,7 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
             block.stride, block.memory_efficient = stride, True
     for module in model.modules():
         if isinstance(module, torch.nn.Sequential) and id(module) not in in_blocks:
-            _fuse_activations(module)
+            _fuse_activations(module, shared)
         swap = _SWAPS.get(type(module))
         if swap is not None:
             module.__class__ = swap

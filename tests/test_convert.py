@@ -58,3 +58,42 @@ def test_convert_leaves_subclasses_and_single_modules():
     assert type(m[0]) is MyBN and type(m[1]) is torch.nn.ReLU
     single = normops.convert(torch.nn.LayerNorm(4))
     assert type(single) is normops.nn.LayerNorm
+
+
+def test_convert_does_not_fuse_where_the_fusion_would_show():
+    """A batch norm shared with another place, or one whose output (or whose
+    activation) is hooked, keeps its activation separate."""
+    x = torch.randn(2, 4, 3, 3)
+    bn = torch.nn.BatchNorm2d(4).eval()
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = torch.nn.Sequential(bn, torch.nn.ReLU())
+            self.bn = bn
+
+        def forward(self, x):
+            return self.seq(x), self.bn(x)
+
+    m = Shared()
+    ref = [t.clone() for t in m(x)]
+    normops.convert(m)
+    assert type(m.seq[1]) is torch.nn.ReLU
+    for a, b in zip(m(x), ref):
+        assert_close(a, b)
+
+    seen = []
+    hooked_bn = torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    hooked_bn[0].register_forward_hook(lambda mod, i, o: seen.append(o.min().item()))
+    hooked_act = torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.ReLU6()).eval()
+    hooked_act[1].register_forward_hook(lambda mod, i, o: seen.append(o.max().item()))
+    for seq in (hooked_bn, hooked_act):
+        normops.convert(seq)
+        assert type(seq[0]) is normops.nn.BatchNorm2d and type(seq[1]) is not torch.nn.Identity
+        seq(x)
+    assert len(seen) == 2 and seen[0] < 0  # the BN hook saw the pre-activation output
+    # A forward-pre hook on the batch norm sees its input either way: still fused.
+    pre = torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    pre[0].register_forward_pre_hook(lambda mod, i: None)
+    normops.convert(pre)
+    assert type(pre[0]) is normops.nn.BatchNormAct2d
