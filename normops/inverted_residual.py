@@ -16,16 +16,19 @@ its forward differs:
   torch.compile, which cannot trace the recomputing backward.
 
 Any other configuration (a norm layer that is not a BatchNorm2d, a changed
-sub-module, eval without running statistics, a device without the kernel)
-runs the unfused submodules, exactly as torchvision's block does.
+sub-module, hooks on a sub-module (pruning, weight norm, observers), eval
+without running statistics, a device without the kernel) runs the unfused
+submodules, exactly as torchvision's block does.
 """
 from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 
 from .functional import update_running_stats
+from .ops._common import needs_double_backward, torch_grads
 
 ops = torch.ops.normops
 
@@ -77,6 +80,22 @@ def block_stages(conv: nn.Sequential):
     stages = [None if expand is None else (expand[0], expand[1]), (dw[0], dw[1]),
               (project, project_bn)]
     return stages, stride
+
+
+def has_hooks(module: nn.Module, pre: bool = True) -> bool:
+    """Forward (and, with pre, forward-pre) or backward hooks on `module`."""
+    return bool(module._forward_hooks or module._backward_hooks or module._backward_pre_hooks
+                or (pre and module._forward_pre_hooks))
+
+
+def _runs_hooks(conv: nn.Sequential) -> bool:
+    """Whether running the submodules would run hooks (on one of them, or
+    global module hooks), which the fused paths would skip: pruning and
+    weight-norm pre-hooks rewrite weights, forward hooks observe outputs."""
+    return (any(has_hooks(m) for m in conv.modules())
+            or bool(_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
+                    or _module_hooks._global_backward_hooks
+                    or _module_hooks._global_backward_pre_hooks))
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d):
@@ -152,6 +171,19 @@ def _train_forward(x: Tensor, params, stages, stride: int, residual: bool):
     return (h + x if residual else h), pre_norm, [None if st is None else st[:2] for st in stats]
 
 
+def _reference_train_forward(x: Tensor, params, eps, stride: int, residual: bool) -> Tensor:
+    """The training block in differentiable torch ops (batch statistics, no
+    running-statistic update): what double backward differentiates."""
+    ew, ebw, ebb, dw, dbw, dbb, pw, pbw, pbb = params
+    h = x
+    if ew is not None:
+        h = F.relu6(F.batch_norm(F.conv2d(h, ew), None, None, ebw, ebb, True, 0.0, eps[0]))
+    h = F.conv2d(h, dw, None, stride, 1, 1, dw.size(0))
+    h = F.relu6(F.batch_norm(h, None, None, dbw, dbb, True, 0.0, eps[1]))
+    h = F.batch_norm(F.conv2d(h, pw), None, None, pbw, pbb, True, 0.0, eps[2])
+    return h + x if residual else h
+
+
 class _RecomputedTrainBlock(torch.autograd.Function):
     """Training forward without a graph, saving the input, the projection's
     pre-norm output (both bottleneck-sized), the parameters and the batch
@@ -169,11 +201,16 @@ class _RecomputedTrainBlock(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, h3, ew, ebw, ebb, dw, dbw, dbb, pw, pbw, pbb, *flat = ctx.saved_tensors
-        (m1, v1), (m2, v2), (m3, v3) = zip(flat[0::2], flat[1::2])
+        params = (ew, ebw, ebb, dw, dbw, dbb, pw, pbw, pbb)
         needs = ctx.needs_input_grad[3:]
+        if needs_double_backward(grad_out, x, *params):  # create_graph=True
+            grads = torch_grads(
+                lambda x, *p: _reference_train_forward(x, p, ctx.eps, ctx.stride, ctx.residual),
+                (x, *params), needs, grad_out)
+            return (None, None, None, *grads)
+        (m1, v1), (m2, v2), (m3, v3) = zip(flat[0::2], flat[1::2])
         s = ctx.stride
         # The activations, recomputed with the forward's statistics.
         h1 = a1 = None
@@ -268,7 +305,8 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         found = block_stages(self.conv)
-        if found is not None and x.dim() == 4 and x.device.type == "cpu":
+        if (found is not None and x.dim() == 4 and x.device.type == "cpu"
+                and not _runs_hooks(self.conv)):
             stages, stride = found
             norms = [bn for _, bn in filter(None, stages)]
             # Each batch norm's own mode decides, as in the unfused block

@@ -358,3 +358,67 @@ def test_mobilenet_v2_matches_torchvision_network():
         torch.testing.assert_close(po.grad, pr.grad, rtol=1e-7, atol=1e-9 * scale, msg=name)
     for (name, bo), br in zip(ours.named_buffers(), ref.buffers()):
         torch.testing.assert_close(bo, br, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_convert_leaves_blocks_with_their_own_forward():
+    """Only torchvision's block itself is recognised: a subclass, or another
+    class with the same structure plus something of its own, keeps its
+    forward."""
+    class Scaled(ref_models.InvertedResidual):
+        def forward(self, x):
+            return x + 0.5 * self.conv(x)
+
+    class LayerScale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = ref_models.InvertedResidual(8, 8, 1, 6).conv
+            self.use_res_connect = True
+            self.gamma = torch.nn.Parameter(torch.full((8, 1, 1), 0.1))
+
+        def forward(self, x):
+            return x + self.gamma * self.conv(x)
+
+    x = torch.randn(2, 8, 5, 5)
+    for block in (Scaled(8, 8, 1, 6), LayerScale()):
+        block.eval()
+        with torch.no_grad():
+            ref = block(x)
+            cls = type(block)
+            normops.convert(block)
+            assert type(block) is cls
+            assert_close(block(x), ref)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_hooks_on_submodules_run_pruned_weights_included(training):
+    """Pruning (a forward-pre hook that rewrites conv weights) and forward hooks
+    on the block's submodules run as in the unfused block."""
+    import torch.nn.utils.prune as prune
+    ours, ref = make_pair((8, 8, 1, 6))
+    seen = {"ours": 0, "ref": 0}
+    for name, block in (("ours", ours), ("ref", ref)):
+        for m in block.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                prune.l1_unstructured(m, "weight", 0.5)
+        block.conv[1][1].register_forward_hook(
+            lambda *args, name=name: seen.__setitem__(name, seen[name] + 1))
+        block.train(training)
+    x = make_input((2, 8, 5, 6), torch.float64)
+    step_and_compare(ours, ref, x, steps=2)
+    assert seen["ours"] == seen["ref"] > 0
+
+
+def test_train_double_backward_memory_efficient():
+    """create_graph through the recomputing backward (gradient penalties):
+    the gradient of a gradient matches torchvision's block."""
+    for cfg in ((8, 8, 1, 6), (8, 12, 2, 1)):
+        ours, ref = make_pair(cfg)
+        x = make_input((2, cfg[0], 5, 6), torch.float64)
+        results = []
+        for block in (ours, ref):
+            xi = x.clone().requires_grad_()
+            g, = torch.autograd.grad(block(xi).pow(2).sum(), xi, create_graph=True)
+            penalty = g.pow(2).sum()
+            results.append(torch.autograd.grad(penalty, [xi, *block.parameters()]))
+        for a, b in zip(*results):
+            assert_close(a, b)
