@@ -9,6 +9,7 @@ import contextlib
 from typing import List, Optional, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as TF
 from torch import Tensor
 
@@ -19,13 +20,18 @@ __all__ = ["batch_norm", "layer_norm", "instance_norm", "group_norm"]
 ops = torch.ops.normops
 
 
-def _under_functorch() -> bool:
-    """True inside torch.func transforms (vmap, grad, jvp, jacfwd, ...). The
-    normops ops have no batching or forward-mode rules, so there the same
-    computation runs on torch.nn.functional instead of giving wrong
-    (zero) tangents. (Not while torch.compile traces: it runs the ops.)"""
-    return (not torch.compiler.is_compiling()
-            and torch._C._functorch.peek_interpreter_stack() is not None)
+def _needs_torch_rules(*tensors: Optional[Tensor]) -> bool:
+    """True inside torch.func transforms (vmap, grad, jvp, jacfwd, ...) and
+    when a tensor carries a forward-mode tangent (torch.autograd.forward_ad).
+    The normops ops have no batching or forward-mode rules, so there the same
+    computation runs on torch.nn.functional instead of dropping the tangents.
+    (Not while torch.compile traces: it runs the ops.)"""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return fwAD._current_level >= 0 and any(
+        t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _autocast_off(device_type: str):
@@ -49,8 +55,10 @@ def _values_per_channel(size) -> int:
 
 
 def _check_floating(input: Tensor, name: str) -> None:
+    # NotImplementedError, as torch raises for these dtypes (a RuntimeError).
     if not input.is_floating_point():
-        raise TypeError(f"{name}: expected a floating point input, but got {input.dtype}")
+        raise NotImplementedError(
+            f"{name}: not implemented for {input.dtype}; expected a floating point input")
 
 
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -86,7 +94,7 @@ def batch_norm(
     """torch.nn.functional.batch_norm, optionally followed by a fused ReLU or
     ReLU6."""
     act = _activation_code(activation)
-    if _under_functorch():
+    if _needs_torch_rules(input, running_mean, running_var, weight, bias):
         return apply_activation(TF.batch_norm(input, running_mean, running_var, weight, bias,
                                               training, momentum, eps), act)
     _check_floating(input, "batch_norm")
@@ -96,6 +104,10 @@ def batch_norm(
         raise ValueError(
             "Expected more than 1 value per channel when training, "
             f"got input size {input.size()}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if not training and running_mean is None:
@@ -119,7 +131,7 @@ def layer_norm(
     """torch.nn.functional.layer_norm."""
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
-    if _under_functorch():
+    if _needs_torch_rules(input, weight, bias):
         return TF.layer_norm(input, normalized_shape, weight, bias, eps)
     _check_floating(input, "layer_norm")
     return ops.layer_norm(input, list(normalized_shape), weight, bias, eps)[0]
@@ -133,7 +145,7 @@ def group_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """torch.nn.functional.group_norm."""
-    if _under_functorch():
+    if _needs_torch_rules(input, weight, bias):
         return TF.group_norm(input, num_groups, weight, bias, eps)
     if input.dim() < 2:
         raise RuntimeError(
@@ -165,7 +177,7 @@ def instance_norm(
     group, computed in the input's layout (channels_last stays
     channels_last). The running statistics are the mean over the batch of the
     per-instance statistics, with the unbiased variance."""
-    if _under_functorch():
+    if _needs_torch_rules(input, running_mean, running_var, weight, bias):
         return TF.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
                                 momentum, eps)
     _check_floating(input, "instance_norm")

@@ -47,7 +47,8 @@ def _check_args(input: Tensor, weight, bias, running_mean, running_var, num_feat
     fail after the collective."""
     check_sync_input_dim(input)
     if not input.is_floating_point():
-        raise TypeError(f"SyncBatchNorm: expected a floating point input, but got {input.dtype}")
+        raise NotImplementedError(
+            f"SyncBatchNorm: not implemented for {input.dtype}; expected a floating point input")
     if input.size(1) != num_features:
         raise RuntimeError(
             f"SyncBatchNorm: expected input with {num_features} channels, but got input of "

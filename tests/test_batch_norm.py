@@ -228,7 +228,7 @@ def snapshot(m):
 @pytest.mark.parametrize("bad,exc,match", [
     (lambda: torch.randn(2, 3, 4), ValueError, "expected 4D input"),
     (lambda: torch.randn(2, 5, 4, 4), RuntimeError, r"expected weight of shape \[5\]"),
-    (lambda: torch.randint(0, 5, (2, 3, 4, 4)), TypeError, "floating point"),
+    (lambda: torch.randint(0, 5, (2, 3, 4, 4)), NotImplementedError, "floating point"),
 ])
 def test_bad_input_leaves_buffers(bad, exc, match):
     m = normops.nn.BatchNorm2d(3)

@@ -127,3 +127,38 @@ def test_half_conversions_match_torch(dtype, layout):
     assert bool((same_bits | both_nan | both_zero).all()), int((~(same_bits | both_nan | both_zero)).sum())
     assert torch.isnan(y).sum() == torch.isnan(ref).sum()
     assert torch.isinf(y).sum() == torch.isinf(ref).sum()
+
+
+def test_forward_mode_ad_gives_torch_tangents():
+    """torch.autograd.forward_ad: the normops ops have no forward-mode rules,
+    so dual inputs take torch's computation instead of losing the tangent."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as TF
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    w = torch.rand(4, dtype=torch.float64) + 0.5
+    cases = [(NF.layer_norm, TF.layer_norm, dict(normalized_shape=[3, 3])),
+             (NF.group_norm, TF.group_norm, dict(num_groups=2, weight=w)),
+             (NF.instance_norm, TF.instance_norm, dict(weight=w)),
+             (NF.batch_norm, TF.batch_norm, dict(running_mean=None, running_var=None,
+                                                 weight=w, training=True))]
+    for ours, theirs, kwargs in cases:
+        tangents = []
+        for f in (ours, theirs):
+            with fwAD.dual_level():
+                tangents.append(fwAD.unpack_dual(f(fwAD.make_dual(x, t), **kwargs)).tangent)
+        assert tangents[0] is not None, ours.__name__
+        torch.testing.assert_close(tangents[0], tangents[1])
+    m = normops.nn.BatchNorm2d(4).double()
+    with fwAD.dual_level():
+        assert fwAD.unpack_dual(m(fwAD.make_dual(x, t))).tangent is not None
+
+
+def test_batch_norm_eps_must_be_positive():
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        normops.nn.BatchNorm2d(3, eps=0.0)(x)
+    m = normops.nn.BatchNorm2d(3, eps=-1e-3).eval()
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        m(x)
+    assert torch.equal(m.running_mean, torch.zeros(3))
