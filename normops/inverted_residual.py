@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
+from ._fx import fx_leaf
 from .functional import update_running_stats
 from .ops._common import needs_double_backward, torch_grads
 
@@ -303,6 +304,7 @@ class InvertedResidual(nn.Module):
             self._fold_cache = (key, folded)
         return folded
 
+    @fx_leaf
     def forward(self, x: Tensor) -> Tensor:
         found = block_stages(self.conv)
         if (found is not None and x.dim() == 4 and x.device.type == "cpu"

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from ._fx import fx_leaf
 from .sync_batch_norm import check_sync_input_dim, sync_batch_norm, world_size
 
 __all__ = [
@@ -30,6 +31,7 @@ class _BatchNormForward:
 
     activation: Optional[str] = None
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         tracking = self.training and self.track_running_stats
@@ -151,6 +153,7 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
 class LayerNorm(torch.nn.LayerNorm):
     __doc__ = torch.nn.LayerNorm.__doc__
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
@@ -158,6 +161,7 @@ class LayerNorm(torch.nn.LayerNorm):
 class GroupNorm(torch.nn.GroupNorm):
     __doc__ = torch.nn.GroupNorm.__doc__
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
@@ -165,6 +169,8 @@ class GroupNorm(torch.nn.GroupNorm):
 class _InstanceNormApply:
     """torch's _InstanceNorm keeps its checks, no-batch-dim handling and
     warnings; only the normalisation itself is replaced."""
+
+    forward = fx_leaf(torch.nn.modules.instancenorm._InstanceNorm.forward)
 
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
         return F.instance_norm(

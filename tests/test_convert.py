@@ -1,4 +1,6 @@
 """normops.convert on models built from torch.nn."""
+import copy
+
 import torch
 
 import normops
@@ -97,3 +99,24 @@ def test_convert_does_not_fuse_where_the_fusion_would_show():
     pre[0].register_forward_pre_hook(lambda mod, i: None)
     normops.convert(pre)
     assert type(pre[0]) is normops.nn.BatchNormAct2d
+
+
+def test_fx_symbolic_trace_records_modules_as_leaves():
+    """torch.fx traces torch.nn's norm modules as leaves; normops' modules
+    are recorded as one call each, so FX tools (feature extraction, graph
+    passes) work on converted models, and the graph runs normops."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 5)
+    modules = [normops.nn.BatchNorm2d(8), normops.nn.BatchNormAct2d(8, activation="relu6"),
+               normops.nn.LayerNorm([5, 5]), normops.nn.GroupNorm(2, 8),
+               normops.nn.InstanceNorm2d(8, affine=True, track_running_stats=True),
+               normops.nn.SyncBatchNorm(8), normops.nn.InvertedResidual(8, 8, 1, 6)]
+    for module in modules:
+        for training in (True, False):
+            traced_model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), module).train(training)
+            eager_model = copy.deepcopy(traced_model)
+            graph = torch.fx.symbolic_trace(traced_model)
+            assert "_leaf_forward" in graph.code, type(module).__name__
+            assert_close(graph(x), eager_model(x))
+            for a, b in zip(traced_model.buffers(), eager_model.buffers()):
+                assert torch.equal(a, b)
