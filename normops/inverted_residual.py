@@ -55,31 +55,40 @@ def _is_conv(m, kernel, stride, groups) -> bool:
             and m.dilation == (1, 1) and m.groups == groups and m.padding_mode == "zeros")
 
 
+def _children(seq) -> Optional[list]:
+    """A Sequential's children in order (its _modules directly: indexing a
+    Sequential walks it each time, and this runs on every forward)."""
+    return list(seq._modules.values()) if isinstance(seq, nn.Sequential) else None
+
+
 def _is_conv_bn_relu6(seq, kernel, stride, groups) -> bool:
-    return (isinstance(seq, nn.Sequential) and len(seq) == 3
-            and _is_conv(seq[0], kernel, stride, groups) and _is_bn(seq[1])
-            and type(seq[2]) is nn.ReLU6)
+    layers = _children(seq)
+    return (layers is not None and len(layers) == 3
+            and _is_conv(layers[0], kernel, stride, groups) and _is_bn(layers[1])
+            and type(layers[2]) is nn.ReLU6)
 
 
 def block_stages(conv: nn.Sequential):
     """The (conv, bn) pairs of a torchvision inverted residual's `conv`
     Sequential, expansion first (None for expand_ratio 1), and the stride;
     None when `conv` does not have exactly that structure."""
-    if not isinstance(conv, nn.Sequential) or len(conv) not in (3, 4):
+    layers = _children(conv)
+    if layers is None or len(layers) not in (3, 4):
         return None
-    expand = conv[0] if len(conv) == 4 else None
-    dw, project, project_bn = conv[len(conv) - 3], conv[len(conv) - 2], conv[len(conv) - 1]
-    if not (isinstance(dw, nn.Sequential) and len(dw) == 3 and isinstance(dw[0], nn.Conv2d)):
+    expand = layers[0] if len(layers) == 4 else None
+    dw, project, project_bn = layers[-3:]
+    dw_layers = _children(dw)
+    if not (dw_layers and isinstance(dw_layers[0], nn.Conv2d)):
         return None
-    hidden, stride = dw[0].out_channels, dw[0].stride[0]
+    hidden, stride = dw_layers[0].out_channels, dw_layers[0].stride[0]
     if stride not in (1, 2) or not _is_conv_bn_relu6(dw, 3, stride, hidden):
         return None
     if expand is not None and not _is_conv_bn_relu6(expand, 1, 1, 1):
         return None
     if not (_is_conv(project, 1, 1, 1) and _is_bn(project_bn)):
         return None
-    stages = [None if expand is None else (expand[0], expand[1]), (dw[0], dw[1]),
-              (project, project_bn)]
+    stages = [None if expand is None else tuple(_children(expand)[:2]),
+              tuple(dw_layers[:2]), (project, project_bn)]
     return stages, stride
 
 
@@ -93,10 +102,15 @@ def _runs_hooks(conv: nn.Sequential) -> bool:
     """Whether running the submodules would run hooks (on one of them, or
     global module hooks), which the fused paths would skip: pruning and
     weight-norm pre-hooks rewrite weights, forward hooks observe outputs."""
-    return (any(has_hooks(m) for m in conv.modules())
-            or bool(_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
-                    or _module_hooks._global_backward_hooks
-                    or _module_hooks._global_backward_pre_hooks))
+    stack = [conv]
+    while stack:  # conv.modules() without its bookkeeping: this runs on every forward
+        module = stack.pop()
+        if has_hooks(module):
+            return True
+        stack.extend(m for m in module._modules.values() if m is not None)
+    return bool(_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
+                or _module_hooks._global_backward_hooks
+                or _module_hooks._global_backward_pre_hooks)
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d):
