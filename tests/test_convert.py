@@ -120,3 +120,17 @@ def test_fx_symbolic_trace_records_modules_as_leaves():
             assert_close(graph(x), eager_model(x))
             for a, b in zip(traced_model.buffers(), eager_model.buffers()):
                 assert torch.equal(a, b)
+
+
+def test_module_subclass_calling_super_forward():
+    """A user subclass that overrides forward and calls super().forward runs
+    normops' forward, eagerly and in an FX trace."""
+    class Scaled(normops.nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    x = torch.randn(2, 4, 3, 3)
+    ours, ref = Scaled(4), torch.nn.BatchNorm2d(4)
+    assert_close(ours(x), ref(x) * 2)
+    graph = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Identity(), Scaled(4)))
+    assert_close(graph(x), ref(x) * 2)
