@@ -4,6 +4,7 @@ which tracing cannot follow. normops' modules live outside torch.nn, so they
 get the same treatment through a wrapped function: tracing records one call
 to it and never enters the forward (torchvision's feature extraction, FX
 graph passes)."""
+import functools
 from typing import Callable, Dict
 
 import torch
@@ -14,22 +15,21 @@ import torch
 _FORWARDS: Dict[str, Callable] = {}
 
 
-def _leaf_forward(module: torch.nn.Module, input: torch.Tensor, forward: str) -> torch.Tensor:
-    return _FORWARDS[forward](module, input)
+def _leaf_forward(module: torch.nn.Module, forward: str, *args, **kwargs):
+    return _FORWARDS[forward](module, *args, **kwargs)
 
 
 torch.fx.wrap("_leaf_forward")
 
 
 def fx_leaf(forward: Callable) -> Callable:
-    """Decorates a module's forward(self, input) so that FX records it as one
-    call."""
+    """Decorates a module's forward so that FX records it as one call; the
+    forward keeps its signature (argument names included)."""
     name = f"{forward.__module__}.{forward.__qualname__}"
     _FORWARDS[name] = forward
 
-    def leaf(self, input: torch.Tensor) -> torch.Tensor:
-        return _leaf_forward(self, input, name)
+    @functools.wraps(forward)
+    def leaf(self, *args, **kwargs):
+        return _leaf_forward(self, name, *args, **kwargs)
 
-    leaf.__doc__, leaf.__name__, leaf.__qualname__ = (
-        forward.__doc__, forward.__name__, forward.__qualname__)
     return leaf

@@ -1,4 +1,6 @@
 """normops.convert: swap the standard norm modules of a model for normops'."""
+import dis
+
 import torch
 
 from . import nn as nnops
@@ -38,16 +40,33 @@ def _fuse_activations(seq: torch.nn.Sequential, shared: set) -> None:
             seq._modules[second] = torch.nn.Identity()
 
 
+def _has_torchvision_forward(cls) -> bool:
+    """Whether cls.forward is torchvision's `x + self.conv(x) if
+    self.use_res_connect else self.conv(x)`, compared by its bytecode: the
+    attributes it reads, no constants, one addition. A copy of torchvision's
+    class passes; a forward that scales, subtracts or adds anything does not."""
+    code = getattr(cls.forward, "__code__", None)
+    if code is None or code.co_argcount != 2 or code.co_kwonlyargcount or code.co_flags & 0x0C:
+        return False
+    if set(code.co_names) != {"use_res_connect", "conv"} or any(
+            c is not None for c in code.co_consts):
+        return False
+    arithmetic = [(i.opname, i.arg) for i in dis.get_instructions(code)
+                  if i.opname.startswith(("BINARY", "INPLACE"))]
+    return arithmetic in ([("BINARY_OP", 0)], [("BINARY_ADD", None)])
+
+
 def _inverted_residual_stride(module: torch.nn.Module):
     """The stride of a torchvision-style InvertedResidual, else None. Recognised
-    by structure: a class named InvertedResidual deriving directly from
-    nn.Module (a subclass, or another class, may have its own forward), with
-    no parameters, buffers or children of its own but a `conv` Sequential of
-    [1x1 conv, BN, ReLU6], [3x3 depthwise, BN, ReLU6], 1x1 conv, BN, and a
-    `use_res_connect` that matches it."""
+    by structure, not by import: a class named InvertedResidual deriving
+    directly from nn.Module, with torchvision's forward, no parameters, buffers
+    or children of its own but a `conv` Sequential of [1x1 conv, BN, ReLU6],
+    [3x3 depthwise, BN, ReLU6], 1x1 conv, BN, and a `use_res_connect` that
+    matches it."""
     if type(module) is not nnops.InvertedResidual and not (
             type(module).__name__ == "InvertedResidual"
-            and type(module).__bases__ == (torch.nn.Module,)):
+            and type(module).__bases__ == (torch.nn.Module,)
+            and _has_torchvision_forward(type(module))):
         return None
     if (not hasattr(module, "use_res_connect") or set(module._modules) != {"conv"}
             or module._parameters or module._buffers):

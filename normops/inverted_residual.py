@@ -46,7 +46,10 @@ def _conv_norm_act(inp: int, oup: int, kernel: int, stride: int, groups: int,
 
 
 def _is_bn(m) -> bool:
-    return isinstance(m, nn.BatchNorm2d) and getattr(m, "activation", None) is None
+    """torch's or normops' BatchNorm2d itself: a subclass may have its own
+    forward, which the fused paths would skip."""
+    from .nn import BatchNorm2d  # normops.nn imports this module
+    return type(m) in (nn.BatchNorm2d, BatchNorm2d)
 
 
 def _is_conv(m, kernel, stride, groups) -> bool:
@@ -56,9 +59,13 @@ def _is_conv(m, kernel, stride, groups) -> bool:
 
 
 def _children(seq) -> Optional[list]:
-    """A Sequential's children in order (its _modules directly: indexing a
-    Sequential walks it each time, and this runs on every forward)."""
-    return list(seq._modules.values()) if isinstance(seq, nn.Sequential) else None
+    """The children in order of a Sequential that runs them in order (a
+    subclass with Sequential's forward, as torchvision's Conv2dNormActivation;
+    read from _modules: indexing walks a Sequential each time, and this runs on
+    every forward); None for anything else."""
+    if not (isinstance(seq, nn.Sequential) and type(seq).forward is nn.Sequential.forward):
+        return None
+    return list(seq._modules.values())
 
 
 def _is_conv_bn_relu6(seq, kernel, stride, groups) -> bool:

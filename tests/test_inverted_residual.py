@@ -422,3 +422,44 @@ def test_train_double_backward_memory_efficient():
             results.append(torch.autograd.grad(penalty, [xi, *block.parameters()]))
         for a, b in zip(*results):
             assert_close(a, b)
+
+
+def test_convert_and_fusion_follow_the_forwards_that_run():
+    """A class named InvertedResidual whose forward is not torchvision's is
+    not converted; a BatchNorm2d subclass with its own forward inside the
+    block keeps the block unfused."""
+    class InvertedResidual(torch.nn.Module):  # same name and structure, own forward
+        def __init__(self):
+            super().__init__()
+            self.conv = ref_models.InvertedResidual(4, 4, 1, 2).conv
+            self.use_res_connect = True
+
+        def forward(self, x):
+            if self.use_res_connect:
+                return x + 0.2 * self.conv(x)
+            return self.conv(x)
+
+    class ShiftedBN(torch.nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) + 100.0
+
+    x = torch.randn(2, 4, 5, 5)
+    own = InvertedResidual().eval()
+    with torch.no_grad():
+        ref = own(x)
+        normops.convert(own)
+        assert type(own) is InvertedResidual
+        assert_close(own(x), ref)
+    for training in (True, False):
+        block = normops.nn.InvertedResidual(4, 4, 1, 2, norm_layer=ShiftedBN).train(training)
+        unfused = copy.deepcopy(block)
+        with torch.no_grad():
+            assert_close(block(x), x + unfused.conv(x))
+
+
+def test_modules_accept_their_argument_by_keyword():
+    x = torch.randn(2, 4, 5, 5)
+    assert normops.nn.InvertedResidual(4, 4, 1, 2)(x=x).shape == x.shape
+    for m in (normops.nn.BatchNorm2d(4), normops.nn.GroupNorm(2, 4), normops.nn.LayerNorm(5),
+              normops.nn.InstanceNorm2d(4)):
+        assert m(input=x).shape == x.shape
