@@ -20,7 +20,7 @@ __all__ = ["batch_norm", "layer_norm", "instance_norm", "group_norm"]
 ops = torch.ops.normops
 
 
-def _needs_torch_rules(*tensors: Optional[Tensor]) -> bool:
+def needs_torch_rules(*tensors: Optional[Tensor]) -> bool:
     """True inside torch.func transforms (vmap, grad, jvp, jacfwd, ...) and
     when a tensor carries a forward-mode tangent (torch.autograd.forward_ad).
     The normops ops have no batching or forward-mode rules, so there the same
@@ -94,7 +94,7 @@ def batch_norm(
     """torch.nn.functional.batch_norm, optionally followed by a fused ReLU or
     ReLU6."""
     act = _activation_code(activation)
-    if _needs_torch_rules(input, running_mean, running_var, weight, bias):
+    if needs_torch_rules(input, running_mean, running_var, weight, bias):
         return apply_activation(TF.batch_norm(input, running_mean, running_var, weight, bias,
                                               training, momentum, eps), act)
     _check_floating(input, "batch_norm")
@@ -131,7 +131,7 @@ def layer_norm(
     """torch.nn.functional.layer_norm."""
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
-    if _needs_torch_rules(input, weight, bias):
+    if needs_torch_rules(input, weight, bias):
         return TF.layer_norm(input, normalized_shape, weight, bias, eps)
     _check_floating(input, "layer_norm")
     return ops.layer_norm(input, list(normalized_shape), weight, bias, eps)[0]
@@ -145,7 +145,7 @@ def group_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """torch.nn.functional.group_norm."""
-    if _needs_torch_rules(input, weight, bias):
+    if needs_torch_rules(input, weight, bias):
         return TF.group_norm(input, num_groups, weight, bias, eps)
     if input.dim() < 2:
         raise RuntimeError(
@@ -177,7 +177,7 @@ def instance_norm(
     group, computed in the input's layout (channels_last stays
     channels_last). The running statistics are the mean over the batch of the
     per-instance statistics, with the unbiased variance."""
-    if _needs_torch_rules(input, running_mean, running_var, weight, bias):
+    if needs_torch_rules(input, running_mean, running_var, weight, bias):
         return TF.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
                                 momentum, eps)
     _check_floating(input, "instance_norm")

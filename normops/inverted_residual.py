@@ -17,18 +17,20 @@ its forward differs:
 
 Any other configuration (a norm layer that is not a BatchNorm2d, a changed
 sub-module, hooks on a sub-module (pruning, weight norm, observers), eval
-without running statistics, a device without the kernel) runs the unfused
-submodules, exactly as torchvision's block does.
+without running statistics, a device without the kernel, torch.func
+transforms and forward-mode AD) runs the unfused submodules, exactly as
+torchvision's block does.
 """
 from typing import Callable, List, Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
 from ._fx import fx_leaf
-from .functional import update_running_stats
+from .functional import needs_torch_rules, update_running_stats
 from .ops._common import needs_double_backward, torch_grads
 
 ops = torch.ops.normops
@@ -325,11 +327,17 @@ class InvertedResidual(nn.Module):
             self._fold_cache = (key, folded)
         return folded
 
+    def _needs_torch_rules(self, x: Tensor) -> bool:
+        """torch.func transforms and forward-mode AD need rules (batching,
+        jvp) that the fused ops lack: the submodules have them."""
+        return needs_torch_rules(x) or (
+            fwAD._current_level >= 0 and needs_torch_rules(*self.parameters()))
+
     @fx_leaf
     def forward(self, x: Tensor) -> Tensor:
         found = block_stages(self.conv)
         if (found is not None and x.dim() == 4 and x.device.type == "cpu"
-                and not _runs_hooks(self.conv)):
+                and not _runs_hooks(self.conv) and not self._needs_torch_rules(x)):
             stages, stride = found
             norms = [bn for _, bn in filter(None, stages)]
             # Each batch norm's own mode decides, as in the unfused block

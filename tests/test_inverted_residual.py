@@ -463,3 +463,24 @@ def test_modules_accept_their_argument_by_keyword():
     for m in (normops.nn.BatchNorm2d(4), normops.nn.GroupNorm(2, 4), normops.nn.LayerNorm(5),
               normops.nn.InstanceNorm2d(4)):
         assert m(input=x).shape == x.shape
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_mode_ad_and_torch_func_match_torchvision(training):
+    """jvp (torch.autograd.forward_ad, and torch.func in eval: torch's own
+    batch norm refuses it in training, as it updates buffers) gives
+    torchvision's tangents: the fused ops have no forward-mode rule, so the
+    submodules run."""
+    import torch.autograd.forward_ad as fwAD
+    ours, ref = make_pair((8, 8, 1, 6))
+    ours.train(training), ref.train(training)
+    x, t = make_input((2, 8, 5, 6), torch.float64), make_input((2, 8, 5, 6), torch.float64)
+    results = []
+    for block in (ours, ref):
+        with fwAD.dual_level():
+            tangents = [fwAD.unpack_dual(block(fwAD.make_dual(x, t))).tangent]
+        if not training:
+            tangents.append(torch.func.jvp(block, (x,), (t,))[1])
+        results.append(tangents)
+    for a, b in zip(*results):
+        assert_close(a, b)
