@@ -194,8 +194,7 @@ void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, acc_t<
 // Chan-merged. Shifting by a member of the block bounds the cancellation of
 // sum(d^2) - sum(d)^2 / n: that member lies at most sqrt(n - 1) standard
 // deviations from the block mean (Samuelson), so the lost digits are at most
-// log10(n) for n <= 128 rows, whatever the mean. Four rows per step keep
-// the running sums' loads and stores to one per four rows.
+// log10(n) for n <= 128 rows, whatever the mean.
 template <typename T>
 void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc_t<T>* mean,
                     acc_t<T>* m2, acc_t<T>* scratch) {
@@ -215,22 +214,8 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
       s[c] = 0;
       q[c] = 0;
     }
-    // Row 0 is the shift itself (d = 0), summed along to keep whole steps.
-    int64_t r = 0;
-    for (; r + 4 <= n; r += 4) {
-      const T* __restrict x0 = xb + r * C;
-      const T* __restrict x1 = x0 + C;
-      const T* __restrict x2 = x1 + C;
-      const T* __restrict x3 = x2 + C;
-      NORMOPS_SIMD
-      for (int64_t c = 0; c < C; ++c) {
-        const A d0 = load(x0[c]) - sh[c], d1 = load(x1[c]) - sh[c];
-        const A d2 = load(x2[c]) - sh[c], d3 = load(x3[c]) - sh[c];
-        s[c] += (d0 + d1) + (d2 + d3);
-        q[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-      }
-    }
-    for (; r < n; ++r) {
+    // Row 0 is the shift itself (d = 0).
+    for (int64_t r = 1; r < n; ++r) {
       const T* __restrict xr = xb + r * C;
       NORMOPS_SIMD
       for (int64_t c = 0; c < C; ++c) {
