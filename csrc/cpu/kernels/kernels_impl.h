@@ -83,6 +83,72 @@ NORMOPS_INLINE acc_t<T> as_stored(acc_t<T> z) {
   return load(store<T>(z));
 }
 
+// ---- Vectors of NORMOPS_VEC_BYTES (GCC vector extensions), for loops whose
+// accumulators must stay in registers, which the vectoriser does not
+// guarantee for runtime-sized loops.
+
+template <typename A>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(NORMOPS_VEC_BYTES)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(NORMOPS_VEC_BYTES)));
+};
+template <typename A>
+using vec_t = typename Vec<A>::type;
+template <typename A>
+constexpr int64_t kVecLen = NORMOPS_VEC_BYTES / sizeof(A);
+
+template <typename A>
+NORMOPS_INLINE vec_t<A> vload(const A* p) {
+  vec_t<A> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename A>
+NORMOPS_INLINE void vstore(A* p, vec_t<A> v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+// A vector of T values, widened to the accumulation type.
+template <typename T>
+NORMOPS_INLINE vec_t<acc_t<T>> vload_widened(const T* p) {
+  using A = acc_t<T>;
+  if constexpr (std::is_same<T, A>::value) {
+    return vload(p);
+  } else {
+    alignas(NORMOPS_VEC_BYTES) A w[kVecLen<A>];
+    NORMOPS_SIMD
+    for (int64_t l = 0; l < kVecLen<A>; ++l) w[l] = load(p[l]);
+    return vload(w);
+  }
+}
+
+// as_stored and activation_grad, lane by lane.
+template <typename T>
+NORMOPS_INLINE vec_t<acc_t<T>> vas_stored(vec_t<acc_t<T>> z) {
+  using A = acc_t<T>;
+  if constexpr (std::is_same<T, A>::value) {
+    return z;
+  } else {
+    alignas(NORMOPS_VEC_BYTES) A w[kVecLen<A>];
+    vstore(w, z);
+    NORMOPS_SIMD
+    for (int64_t l = 0; l < kVecLen<A>; ++l) w[l] = as_stored<T>(w[l]);
+    return vload(w);
+  }
+}
+template <Act act, typename A>
+NORMOPS_INLINE vec_t<A> vactivation_grad(vec_t<A> z, vec_t<A> dy) {
+  const vec_t<A> zero = {};
+  if (act == Act::ReLU) return z > zero ? dy : zero;
+  if (act == Act::ReLU6) return (z > zero) & (z < zero + A(6)) ? dy : zero;
+  return dy;
+}
+
 // Runs of a span set lie a stride apart (an NCHW channel: one plane per
 // sample), too far for the hardware prefetcher to follow from one run to the
 // next; short runs then wait on memory. Loops over runs prefetch the run
@@ -189,6 +255,86 @@ void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, acc_t<
   *m2 = q;
 }
 
+// Narrow rows (channels_last with few channels): a block of rows x C is
+// read as one flat run, a period of lcm(C, L) values at a time, with the sums
+// of each period lane in registers; lane p belongs to channel p % C. Summing
+// per channel into arrays instead makes every row wait on the stores of the
+// row before (store-to-load forwarding), which dominates when a row is a few
+// vectors. Wider rows, or periods of more vectors than the registers hold,
+// are summed by channel in memory order.
+constexpr int kMaxPeriodVecs = NORMOPS_VEC_BYTES == 64 ? 8 : 4;
+
+// Vectors in the period of rows of C values, or 0 when over kMaxPeriodVecs.
+template <typename A>
+NORMOPS_INLINE int period_vecs(int64_t C) {
+  int64_t a = C, b = kVecLen<A>;
+  while (b != 0) {
+    const int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  const int64_t vecs = C / a;  // lcm(C, L) / L
+  return vecs <= kMaxPeriodVecs ? int(vecs) : 0;
+}
+
+// f(std::integral_constant<int, nv>) for nv in [1, kMaxPeriodVecs].
+template <int NV = 1, typename F>
+NORMOPS_INLINE void with_period(int nv, const F& f) {
+  if constexpr (NV <= kMaxPeriodVecs) {
+    if (nv == NV) return f(std::integral_constant<int, NV>{});
+    with_period<NV + 1>(nv, f);
+  }
+}
+
+// v[p] = values[p % C] for the NV * L lanes of a period.
+template <typename A>
+NORMOPS_INLINE void replicate(const A* values, int64_t C, int64_t lanes, A* v) {
+  for (int64_t p = 0; p < lanes; ++p) v[p] = values[p % C];
+}
+
+// out[c] (+)= the sum of v[p] over the lanes p of channel c.
+template <typename A, typename O>
+NORMOPS_INLINE void fold_period(const A* v, int64_t C, int64_t lanes, O* out, bool add) {
+  for (int64_t c = 0; c < C; ++c) {
+    O t = add ? out[c] : O(0);
+    for (int64_t p = c; p < lanes; p += C) t += v[p];
+    out[c] = t;
+  }
+}
+
+// Shifted sums of a flat run of `elems` values (whole rows of C): per lane,
+// s[p] = sum(d) and q[p] = sum(d^2), d = x - shift[p]. Lanes past the last
+// whole period get the remaining values one by one.
+template <typename T, int NV>
+NORMOPS_INLINE void period_moment_sums(const T* x, int64_t elems, const acc_t<T>* shift,
+                                       acc_t<T>* s, acc_t<T>* q) {
+  using A = acc_t<T>;
+  using V = vec_t<A>;
+  constexpr int64_t L = kVecLen<A>;
+  V vh[NV], vs[NV], vq[NV];
+  for (int v = 0; v < NV; ++v) {
+    vh[v] = vload(shift + v * L);
+    vs[v] = vq[v] = V{};
+  }
+  int64_t o = 0;
+  for (; o + NV * L <= elems; o += NV * L) {
+    for (int v = 0; v < NV; ++v) {
+      const V d = vload_widened(x + o + v * L) - vh[v];
+      vs[v] += d;
+      vq[v] += d * d;
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    vstore(s + v * L, vs[v]);
+    vstore(q + v * L, vq[v]);
+  }
+  for (int64_t p = 0; o + p < elems; ++p) {
+    const A d = load(x[o + p]) - shift[p];
+    s[p] += d;
+    q[p] += d * d;
+  }
+}
+
 // Moments of the C columns of a rows x C block, one read of the data: each
 // block of block_rows rows is summed shifted by its own first row, then
 // Chan-merged. Shifting by a member of the block bounds the cancellation of
@@ -199,29 +345,40 @@ template <typename T>
 void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc_t<T>* mean,
                     acc_t<T>* m2, acc_t<T>* scratch) {
   using A = acc_t<T>;
+  constexpr int64_t L = kVecLen<A>;
   A* __restrict s = scratch;
   A* __restrict q = scratch + C;
   A* __restrict sh = scratch + 2 * C;
   A* __restrict om = mean;
   A* __restrict oq = m2;
+  const int nv = period_vecs<A>(C);
+  const int64_t lanes = nv * L;
+  alignas(NORMOPS_VEC_BYTES) A period[3][kMaxPeriodVecs * L];  // shift, s, q per lane
   A count = 0;
   for (int64_t b0 = 0; b0 < rows; b0 += block_rows) {
     const int64_t n = rows - b0 < block_rows ? rows - b0 : block_rows;
     const T* __restrict xb = x + b0 * C;
     NORMOPS_SIMD
-    for (int64_t c = 0; c < C; ++c) {
-      sh[c] = load(xb[c]);
-      s[c] = 0;
-      q[c] = 0;
-    }
-    // Row 0 is the shift itself (d = 0).
-    for (int64_t r = 1; r < n; ++r) {
-      const T* __restrict xr = xb + r * C;
+    for (int64_t c = 0; c < C; ++c) sh[c] = load(xb[c]);
+    if (nv > 0) {
+      replicate(sh, C, lanes, period[0]);
+      with_period(nv, [&](auto NV) {
+        period_moment_sums<T, NV>(xb, n * C, period[0], period[1], period[2]);
+      });
+      fold_period(period[1], C, lanes, s, false);
+      fold_period(period[2], C, lanes, q, false);
+    } else {
       NORMOPS_SIMD
-      for (int64_t c = 0; c < C; ++c) {
-        const A d = load(xr[c]) - sh[c];
-        s[c] += d;
-        q[c] += d * d;
+      for (int64_t c = 0; c < C; ++c) s[c] = q[c] = 0;
+      // Row 0 is the shift itself (d = 0).
+      for (int64_t r = 1; r < n; ++r) {
+        const T* __restrict xr = xb + r * C;
+        NORMOPS_SIMD
+        for (int64_t c = 0; c < C; ++c) {
+          const A d = load(xr[c]) - sh[c];
+          s[c] += d;
+          q[c] += d * d;
+        }
       }
     }
     const A inv = A(1) / A(n);
@@ -337,11 +494,45 @@ void span_grad_sums(const T* dy, const T* x, int64_t len, int64_t stride, int64_
   *sum_dy_xmu = A(total_dy_xmu);
 }
 
+// Per lane of a flat run of whole rows (as period_moment_sums): with
+// constants m, s, h per lane, bd[p] = sum(g) and bx[p] = sum(g * (x - m)).
+template <typename T, Act act, int NV>
+NORMOPS_INLINE void period_grad_sums(const T* dy, const T* x, int64_t elems, const acc_t<T>* m,
+                                     const acc_t<T>* s, const acc_t<T>* h, acc_t<T>* bd,
+                                     acc_t<T>* bx) {
+  using A = acc_t<T>;
+  using V = vec_t<A>;
+  constexpr int64_t L = kVecLen<A>;
+  V vd[NV], vx[NV];
+  for (int v = 0; v < NV; ++v) vd[v] = vx[v] = V{};
+  int64_t o = 0;
+  for (; o + NV * L <= elems; o += NV * L) {
+    for (int v = 0; v < NV; ++v) {
+      const V xm = vload_widened(x + o + v * L) - vload(m + v * L);
+      const V g = vactivation_grad<act, A>(vas_stored<T>(xm * vload(s + v * L) + vload(h + v * L)),
+                                           vload_widened(dy + o + v * L));
+      vd[v] += g;
+      vx[v] += g * xm;
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    vstore(bd + v * L, vd[v]);
+    vstore(bx + v * L, vx[v]);
+  }
+  for (int64_t p = 0; o + p < elems; ++p) {
+    const A xm = load(x[o + p]) - m[p];
+    const A g = activation_grad<act>(as_stored<T>(xm * s[p] + h[p]), A(load(dy[o + p])));
+    bd[p] += g;
+    bx[p] += g * xm;
+  }
+}
+
 template <typename T, Act act>
 void row_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, int64_t block_rows,
                    const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* bias,
                    double* sum_dy, double* sum_dy_xmu, acc_t<T>* scratch) {
   using A = acc_t<T>;
+  constexpr int64_t L = kVecLen<A>;
   const A* __restrict m = mean;
   const A* __restrict s = scale;
   const A* __restrict h = bias;
@@ -349,9 +540,27 @@ void row_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, int64_t blo
   A* __restrict bx = scratch + C;
   double* __restrict od = sum_dy;
   double* __restrict ox = sum_dy_xmu;
+  const int nv = period_vecs<A>(C);
+  const int64_t lanes = nv * L;
+  // m, s, h, then the sums, per lane.
+  alignas(NORMOPS_VEC_BYTES) A period[5][kMaxPeriodVecs * L];
+  if (nv > 0) {
+    replicate(m, C, lanes, period[0]);
+    replicate(s, C, lanes, period[1]);
+    replicate(h, C, lanes, period[2]);
+  }
   // Block sums in the accumulation type, added up in double.
   for (int64_t b0 = 0; b0 < rows; b0 += block_rows) {
     const int64_t n = rows - b0 < block_rows ? rows - b0 : block_rows;
+    if (nv > 0) {
+      with_period(nv, [&](auto NV) {
+        period_grad_sums<T, act, NV>(dy + b0 * C, x + b0 * C, n * C, period[0], period[1],
+                                     period[2], period[3], period[4]);
+      });
+      fold_period(period[3], C, lanes, od, true);
+      fold_period(period[4], C, lanes, ox, true);
+      continue;
+    }
     NORMOPS_SIMD
     for (int64_t c = 0; c < C; ++c) bd[c] = bx[c] = 0;
     for (int64_t r = b0; r < b0 + n; ++r) {
@@ -479,37 +688,11 @@ void layer_norm_backward_rows(const T* dy, const T* x, T* dx, int64_t rows, int6
   }
 }
 
-// ---- Inverted residual (eval): GEMM and depthwise stages on vectors of
-// NORMOPS_VEC_BYTES (GCC vector extensions: the accumulators stay in
-// registers, which the vectoriser does not guarantee for runtime-sized
-// loops).
+// ---- Inverted residual (eval): GEMM and depthwise stages, on the vectors
+// above.
 
-template <typename A>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(NORMOPS_VEC_BYTES)));
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(NORMOPS_VEC_BYTES)));
-};
-template <typename A>
-using vec_t = typename Vec<A>::type;
-template <typename A>
-constexpr int64_t kVecLen = NORMOPS_VEC_BYTES / sizeof(A);
 constexpr int kGemmRows = 6;  // rows of a register tile; 2 vectors of columns
 
-template <typename A>
-NORMOPS_INLINE vec_t<A> vload(const A* p) {
-  vec_t<A> v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename A>
-NORMOPS_INLINE void vstore(A* p, vec_t<A> v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
 template <Act act, typename A>
 NORMOPS_INLINE vec_t<A> vactivate(vec_t<A> v) {
   if (act == Act::None) return v;
