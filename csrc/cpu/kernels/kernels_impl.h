@@ -148,34 +148,49 @@ NORMOPS_INLINE vec_t<A> vactivation_grad(vec_t<A> z, vec_t<A> dy) {
   return dy;
 }
 
-// Sums over n elements of K per-element terms: terms(i, acc) adds the terms
-// of the L elements from i into acc[0..K), scalar_terms(i, out) those of
-// element i into out. Four independent accumulators per term: with one,
-// every add waits on the one before (3-4 cycles), and data in cache is
-// reduced at a fraction of the rate it can be loaded.
+// Running sums of K per-element terms, in four independent vector
+// accumulators per term: with one, every add waits on the one before (3-4
+// cycles), and data in cache is reduced at a fraction of the rate it can be
+// loaded. add() takes runs of any length; the lanes are summed once, by
+// total(), not per run.
 constexpr int kSumChains = 4;
 
-template <typename A, int K, typename Terms, typename ScalarTerms>
-NORMOPS_INLINE void sum_terms(int64_t n, const Terms& terms, const ScalarTerms& scalar_terms,
-                              A* out) {
+template <typename A, int K>
+struct VecSums {
   using V = vec_t<A>;
-  constexpr int64_t L = kVecLen<A>;
+  static constexpr int64_t L = kVecLen<A>;
   V acc[kSumChains][K];
-  for (int c = 0; c < kSumChains; ++c)
-    for (int k = 0; k < K; ++k) acc[c][k] = V{};
-  int64_t i = 0;
-  for (; i + kSumChains * L <= n; i += kSumChains * L)
-    for (int c = 0; c < kSumChains; ++c) terms(i + c * L, acc[c]);
-  for (; i + L <= n; i += L) terms(i, acc[0]);
-  for (int k = 0; k < K; ++k) {
-    alignas(NORMOPS_VEC_BYTES) A lanes[L];
-    vstore(lanes, (acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k]));
-    A total = 0;
-    for (int64_t l = 0; l < L; ++l) total += lanes[l];
-    out[k] = total;
+  A tail[K];
+
+  NORMOPS_INLINE VecSums() { reset(); }
+
+  NORMOPS_INLINE void reset() {
+    for (int c = 0; c < kSumChains; ++c)
+      for (int k = 0; k < K; ++k) acc[c][k] = V{};
+    for (int k = 0; k < K; ++k) tail[k] = 0;
   }
-  for (; i < n; ++i) scalar_terms(i, out);
-}
+
+  // terms(i, acc) adds the terms of the L elements from i into acc[0..K);
+  // scalar_terms(i, out) those of element i into out[0..K).
+  template <typename Terms, typename ScalarTerms>
+  NORMOPS_INLINE void add(int64_t n, const Terms& terms, const ScalarTerms& scalar_terms) {
+    int64_t i = 0;
+    for (; i + kSumChains * L <= n; i += kSumChains * L)
+      for (int c = 0; c < kSumChains; ++c) terms(i + c * L, acc[c]);
+    for (; i + L <= n; i += L) terms(i, acc[0]);
+    for (; i < n; ++i) scalar_terms(i, tail);
+  }
+
+  NORMOPS_INLINE void total(A* out) const {
+    for (int k = 0; k < K; ++k) {
+      alignas(NORMOPS_VEC_BYTES) A lanes[L];
+      vstore(lanes, (acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k]));
+      A t = tail[k];
+      for (int64_t l = 0; l < L; ++l) t += lanes[l];
+      out[k] = t;
+    }
+  }
+};
 
 // Runs of a span set lie a stride apart (an NCHW channel: one plane per
 // sample), too far for the hardware prefetcher to follow from one run to the
@@ -194,33 +209,37 @@ NORMOPS_INLINE void prefetch_run(const T* run, int64_t len) {
 // first value, so the sum stays at the scale of the spread, not of the mean;
 // the second is the corrected two-pass, which removes the rounding left in
 // the block mean.
+// The second pass, which reads the block from cache, prefetches `next` (the
+// block to follow, same layout; null for none): memory would otherwise sit
+// idle until that block's first pass.
 template <typename T>
 NORMOPS_INLINE void block_moments(const T* x, int64_t len, int64_t stride, int64_t runs,
-                                  acc_t<T>& mean, acc_t<T>& m2) {
+                                  const T* next, acc_t<T>& mean, acc_t<T>& m2) {
   using A = acc_t<T>;
   using V = vec_t<A>;
   const A shift = load(x[0]);
   const V vshift = V{} + shift;
-  A s = 0;
+  VecSums<A, 1> shifted;
   for (int64_t j = 0; j < runs; ++j) {
     const T* __restrict xj = x + j * stride;
     if (j + kRunsAhead < runs) prefetch_run(xj + kRunsAhead * stride, len);
-    A sj[1];
-    sum_terms<A, 1>(
+    shifted.add(
         len, [&](int64_t i, V* acc) { acc[0] += vload_widened(xj + i) - vshift; },
-        [&](int64_t i, A* out) { out[0] += load(xj[i]) - shift; }, sj);
-    s += sj[0];
+        [&](int64_t i, A* out) { out[0] += load(xj[i]) - shift; });
   }
+  A s;
+  shifted.total(&s);
   const A n = A(len * runs);
   const A bm = shift + s / n;
   const V vbm = V{} + bm;
-  A q = 0, dsum = 0;
+  VecSums<A, 2> centred;  // sum(d^2), sum(d)
   for (int64_t j = 0; j < runs; ++j) {
     const T* __restrict xj = x + j * stride;
-    A qd[2];
-    sum_terms<A, 2>(
+    const T* nj = next == nullptr ? nullptr : next + j * stride;
+    centred.add(
         len,
         [&](int64_t i, V* acc) {
+          if (nj != nullptr) __builtin_prefetch(nj + i);
           const V d = vload_widened(xj + i) - vbm;
           acc[0] += d * d;
           acc[1] += d;
@@ -229,11 +248,11 @@ NORMOPS_INLINE void block_moments(const T* x, int64_t len, int64_t stride, int64
           const A d = load(xj[i]) - bm;
           out[0] += d * d;
           out[1] += d;
-        },
-        qd);
-    q += qd[0];
-    dsum += qd[1];
+        });
   }
+  A qd[2];
+  centred.total(qd);
+  const A q = qd[0], dsum = qd[1];
   mean = bm;
   // The correction can round below zero for constant data.
   const A corrected = q - dsum * dsum / n;
@@ -272,7 +291,9 @@ void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, acc_t<
     for (int64_t j = 0; j < count; ++j) {
       for (int64_t b0 = 0; b0 < len; b0 += kBlockElems) {
         const int64_t l = len - b0 < kBlockElems ? len - b0 : kBlockElems;
-        block_moments(x + j * stride + b0, l, stride, 1, bm, bq);
+        const T* next = b0 + l < len ? x + j * stride + b0 + l
+                        : j + 1 < count ? x + (j + 1) * stride : nullptr;
+        block_moments(x + j * stride + b0, l, stride, 1, next, bm, bq);
         chan_merge(n, mu, q, A(l), bm, bq);
       }
     }
@@ -283,9 +304,10 @@ void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, acc_t<
       if constexpr (kWidenShortRuns<T>) {
         alignas(64) static thread_local A wide[kBlockElems];
         widen_runs(x + j0 * stride, len, stride, runs, wide);
-        block_moments(wide, len * runs, 0, 1, bm, bq);
+        block_moments<A>(wide, len * runs, 0, 1, nullptr, bm, bq);
       } else {
-        block_moments(x + j0 * stride, len, stride, runs, bm, bq);
+        const T* next = j0 + runs < count ? x + (j0 + runs) * stride : nullptr;
+        block_moments(x + j0 * stride, len, stride, runs, next, bm, bq);
       }
       chan_merge(n, mu, q, A(len * runs), bm, bq);
     }
@@ -482,16 +504,15 @@ void row_affine(const T* __restrict x, T* __restrict y, int64_t rows, int64_t C,
 }
 
 // Adds the sums of g and g * (x - m) over n contiguous values (T, or T's
-// values widened) to the totals; g is dy masked at x's pre-activation.
+// values widened) to sums; g is dy masked at x's pre-activation.
 template <typename T, Act act, typename X>
-NORMOPS_INLINE void add_grad_sums(const X* __restrict x, const X* __restrict dy, int64_t n,
-                                  acc_t<T> m, acc_t<T> s, acc_t<T> h, double& total_dy,
-                                  double& total_dy_xmu) {
+NORMOPS_INLINE void add_grad_terms(VecSums<acc_t<T>, 2>& sums, const X* __restrict x,
+                                   const X* __restrict dy, int64_t n, acc_t<T> m, acc_t<T> s,
+                                   acc_t<T> h) {
   using A = acc_t<T>;
   using V = vec_t<A>;
   const V vm = V{} + m, vs = V{} + s, vh = V{} + h;
-  A sums[2];
-  sum_terms<A, 2>(
+  sums.add(
       n,
       [&](int64_t i, V* acc) {
         const V xm = vload_widened(x + i) - vm;
@@ -504,18 +525,26 @@ NORMOPS_INLINE void add_grad_sums(const X* __restrict x, const X* __restrict dy,
         const A g = activation_grad<act>(as_stored<T>(xm * s + h), A(load(dy[i])));
         out[0] += g;
         out[1] += g * xm;
-      },
-      sums);
-  total_dy += sums[0];
-  total_dy_xmu += sums[1];
+      });
 }
 
 template <typename T, Act act>
 void span_grad_sums(const T* dy, const T* x, int64_t len, int64_t stride, int64_t count,
                     acc_t<T> m, acc_t<T> s, acc_t<T> h, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xmu) {
   using A = acc_t<T>;
-  // Blocks summed in double: long spans keep full accuracy in float.
+  // Blocks of about kBlockElems values summed in A, added up in double:
+  // long spans keep full accuracy in float.
   double total_dy = 0, total_dy_xmu = 0;
+  VecSums<A, 2> sums;
+  int64_t pending = 0;
+  const auto flush = [&] {
+    A t[2];
+    sums.total(t);
+    total_dy += t[0];
+    total_dy_xmu += t[1];
+    sums.reset();
+    pending = 0;
+  };
   constexpr int64_t kWide = kBlockElems / 2;  // x and dy widened side by side
   if (kWidenShortRuns<T> && len > 0 && len < kWide) {
     const int64_t per_block = kWide / len;
@@ -524,7 +553,8 @@ void span_grad_sums(const T* dy, const T* x, int64_t len, int64_t stride, int64_
       const int64_t runs = count - j0 < per_block ? count - j0 : per_block;
       widen_runs(x + j0 * stride, len, stride, runs, wide_x);
       widen_runs(dy + j0 * stride, len, stride, runs, wide_dy);
-      add_grad_sums<T, act>(wide_x, wide_dy, len * runs, m, s, h, total_dy, total_dy_xmu);
+      add_grad_terms<T, act>(sums, wide_x, wide_dy, len * runs, m, s, h);
+      flush();
     }
   } else {
     for (int64_t j = 0; j < count; ++j) {
@@ -534,10 +564,12 @@ void span_grad_sums(const T* dy, const T* x, int64_t len, int64_t stride, int64_
       }
       for (int64_t b0 = 0; b0 < len; b0 += kBlockElems) {
         const int64_t n = len - b0 < kBlockElems ? len - b0 : kBlockElems;
-        add_grad_sums<T, act>(x + j * stride + b0, dy + j * stride + b0, n, m, s, h, total_dy,
-                              total_dy_xmu);
+        add_grad_terms<T, act>(sums, x + j * stride + b0, dy + j * stride + b0, n, m, s, h);
+        pending += n;
+        if (pending >= kBlockElems) flush();
       }
     }
+    flush();
   }
   *sum_dy = A(total_dy);
   *sum_dy_xmu = A(total_dy_xmu);
@@ -704,8 +736,8 @@ void layer_norm_backward_rows(const T* dy, const T* x, T* dx, int64_t rows, int6
       // dx = rstd * (dy*gamma - mean(dy*gamma) - xhat * mean(dy*gamma*xhat))
       using V = vec_t<A>;
       const V vmu = V{} + mu;
-      A sums[2];
-      sum_terms<A, 2>(
+      VecSums<A, 2> terms;
+      terms.add(
           D,
           [&](int64_t j, V* acc) {
             const V gg = vload_widened(gr + j) * vload(g + j);
@@ -716,8 +748,9 @@ void layer_norm_backward_rows(const T* dy, const T* x, T* dx, int64_t rows, int6
             const A gg = A(load(gr[j])) * g[j];
             out[0] += gg;
             out[1] += gg * (load(xr[j]) - mu);
-          },
-          sums);
+          });
+      A sums[2];
+      terms.total(sums);
       const A k1 = sums[0] * inv_d;
       const A k2 = sums[1] * inv_d * rs * rs;
       T* __restrict dr = dx + r * D;
