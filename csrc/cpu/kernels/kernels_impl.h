@@ -363,37 +363,48 @@ NORMOPS_INLINE void fold_period(const A* v, int64_t C, int64_t lanes, O* out, bo
   }
 }
 
-// Shifted sums of a flat run of `elems` values (whole rows of C): per lane,
-// s[p] = sum(d) and q[p] = sum(d^2), d = x - shift[p]. Lanes past the last
-// whole period get the remaining values one by one.
+// Sums per lane of a flat run of `elems` values (whole rows of C), a
+// period of NV vectors at a time: terms(i, v, acc) adds the K terms of the
+// L values from i (vector v of its period) into acc; the values past the
+// last whole period go one by one to scalar_terms(i, p), which adds into
+// lane p of the outputs. out[k]: NV * L lanes.
+template <typename A, int NV, int K, typename Terms, typename ScalarTerms>
+NORMOPS_INLINE void period_sums(int64_t elems, const Terms& terms,
+                                const ScalarTerms& scalar_terms, A* const* out) {
+  using V = vec_t<A>;
+  constexpr int64_t L = kVecLen<A>;
+  V acc[NV][K];
+  for (int v = 0; v < NV; ++v)
+    for (int k = 0; k < K; ++k) acc[v][k] = V{};
+  int64_t o = 0;
+  for (; o + NV * L <= elems; o += NV * L)
+    for (int v = 0; v < NV; ++v) terms(o + v * L, v, acc[v]);
+  for (int v = 0; v < NV; ++v)
+    for (int k = 0; k < K; ++k) vstore(out[k] + v * L, acc[v][k]);
+  for (int64_t p = 0; o + p < elems; ++p) scalar_terms(o + p, p);
+}
+
+// Shifted sums per lane: s[p] = sum(d), q[p] = sum(d^2), d = x - shift[p].
 template <typename T, int NV>
 NORMOPS_INLINE void period_moment_sums(const T* x, int64_t elems, const acc_t<T>* shift,
                                        acc_t<T>* s, acc_t<T>* q) {
   using A = acc_t<T>;
   using V = vec_t<A>;
   constexpr int64_t L = kVecLen<A>;
-  V vh[NV], vs[NV], vq[NV];
-  for (int v = 0; v < NV; ++v) {
-    vh[v] = vload(shift + v * L);
-    vs[v] = vq[v] = V{};
-  }
-  int64_t o = 0;
-  for (; o + NV * L <= elems; o += NV * L) {
-    for (int v = 0; v < NV; ++v) {
-      const V d = vload_widened(x + o + v * L) - vh[v];
-      vs[v] += d;
-      vq[v] += d * d;
-    }
-  }
-  for (int v = 0; v < NV; ++v) {
-    vstore(s + v * L, vs[v]);
-    vstore(q + v * L, vq[v]);
-  }
-  for (int64_t p = 0; o + p < elems; ++p) {
-    const A d = load(x[o + p]) - shift[p];
-    s[p] += d;
-    q[p] += d * d;
-  }
+  A* const out[2] = {s, q};
+  period_sums<A, NV, 2>(
+      elems,
+      [&](int64_t i, int v, V* acc) {
+        const V d = vload_widened(x + i) - vload(shift + v * L);
+        acc[0] += d;
+        acc[1] += d * d;
+      },
+      [&](int64_t i, int64_t p) {
+        const A d = load(x[i]) - shift[p];
+        s[p] += d;
+        q[p] += d * d;
+      },
+      out);
 }
 
 // Moments of the C columns of a rows x C block, one read of the data: each
@@ -575,8 +586,8 @@ void span_grad_sums(const T* dy, const T* x, int64_t len, int64_t stride, int64_
   *sum_dy_xmu = A(total_dy_xmu);
 }
 
-// Per lane of a flat run of whole rows (as period_moment_sums): with
-// constants m, s, h per lane, bd[p] = sum(g) and bx[p] = sum(g * (x - m)).
+// Per lane, with constants m, s, h per lane: bd[p] = sum(g) and
+// bx[p] = sum(g * (x - m)).
 template <typename T, Act act, int NV>
 NORMOPS_INLINE void period_grad_sums(const T* dy, const T* x, int64_t elems, const acc_t<T>* m,
                                      const acc_t<T>* s, const acc_t<T>* h, acc_t<T>* bd,
@@ -584,28 +595,23 @@ NORMOPS_INLINE void period_grad_sums(const T* dy, const T* x, int64_t elems, con
   using A = acc_t<T>;
   using V = vec_t<A>;
   constexpr int64_t L = kVecLen<A>;
-  V vd[NV], vx[NV];
-  for (int v = 0; v < NV; ++v) vd[v] = vx[v] = V{};
-  int64_t o = 0;
-  for (; o + NV * L <= elems; o += NV * L) {
-    for (int v = 0; v < NV; ++v) {
-      const V xm = vload_widened(x + o + v * L) - vload(m + v * L);
-      const V g = vactivation_grad<act, A>(vas_stored<T>(xm * vload(s + v * L) + vload(h + v * L)),
-                                           vload_widened(dy + o + v * L));
-      vd[v] += g;
-      vx[v] += g * xm;
-    }
-  }
-  for (int v = 0; v < NV; ++v) {
-    vstore(bd + v * L, vd[v]);
-    vstore(bx + v * L, vx[v]);
-  }
-  for (int64_t p = 0; o + p < elems; ++p) {
-    const A xm = load(x[o + p]) - m[p];
-    const A g = activation_grad<act>(as_stored<T>(xm * s[p] + h[p]), A(load(dy[o + p])));
-    bd[p] += g;
-    bx[p] += g * xm;
-  }
+  A* const out[2] = {bd, bx};
+  period_sums<A, NV, 2>(
+      elems,
+      [&](int64_t i, int v, V* acc) {
+        const V xm = vload_widened(x + i) - vload(m + v * L);
+        const V g = vactivation_grad<act, A>(vas_stored<T>(xm * vload(s + v * L) + vload(h + v * L)),
+                                             vload_widened(dy + i));
+        acc[0] += g;
+        acc[1] += g * xm;
+      },
+      [&](int64_t i, int64_t p) {
+        const A xm = load(x[i]) - m[p];
+        const A g = activation_grad<act>(as_stored<T>(xm * s[p] + h[p]), A(load(dy[i])));
+        bd[p] += g;
+        bx[p] += g * xm;
+      },
+      out);
 }
 
 template <typename T, Act act>
