@@ -6,9 +6,10 @@
 //
 // BatchNormOps<B> is instantiated per backend (csrc/cpu/batch_norm.cpp,
 // csrc/cuda/batch_norm.cu). B provides the channel drivers (moments, affine,
-// grad_sums, grad_input; see csrc/cpu/channel_norm.h), fold (the per-channel
-// constants), update_running, and, when kFused, a training forward and
-// backward of its own, used where use_fused(view) says.
+// grad_sums, grad_input; see csrc/cpu/channel_norm.h), fold and
+// dx_coefficients (the per-channel constants), update_running, and, when
+// kFused, a training forward and backward of its own, used where
+// use_fused(view) says.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -49,20 +50,17 @@ struct Folded {
   Tensor mean, invstd, weight, acc_mean, acc_scale, acc_bias;
 };
 
-// fold() through ATen ops: what a backend without a kernel of its own uses.
-inline Folded fold_aten(const Tensor& mean, const Tensor& var, const OptTensor& weight,
-                        const OptTensor& bias, double eps, at::ScalarType acc) {
-  const int64_t C = mean.size(0);
-  Folded f;
-  f.mean = mean.to(at::kDouble).contiguous();
-  Tensor v = var.to(at::kDouble).contiguous();
-  Tensor w = acc_vector(weight, C, f.mean.options(), 1.0);
-  f.invstd = (v + eps).rsqrt();
-  f.weight = w;
-  f.acc_mean = f.mean.to(acc);
-  f.acc_scale = (f.invstd * w).to(acc);
-  f.acc_bias = acc_vector(bias, C, f.mean.options().dtype(acc), 0.0);
-  return f;
+// The coefficients of dx = a * g + b * (x - mean) + c in the accumulation
+// dtype: a = invstd * w, b = -a * invstd^2 * mean_dy_xmu, c = -a * mean_dy,
+// through ATen ops (dx_coefficients() of a backend without its own).
+inline std::tuple<Tensor, Tensor, Tensor> dx_coefficients_aten(const Folded& f,
+                                                              const Tensor& mean_dy,
+                                                              const Tensor& mean_dy_xmu,
+                                                              at::ScalarType acc) {
+  Tensor a = f.invstd * f.weight;
+  Tensor b = -a * f.invstd * f.invstd * mean_dy_xmu.to(at::kDouble);
+  Tensor c = -a * mean_dy.to(at::kDouble);
+  return {a.to(acc), b.to(acc), c.to(acc)};
 }
 
 inline void check_running(const Tensor& mean, const OptTensor& running, const char* name) {
@@ -142,13 +140,10 @@ struct BatchNormOps {
   // zero means (eval statistics) this is dx = invstd*w*g.
   static Tensor grad_input_impl(const ChannelView& v, const Tensor& dy, const Folded& f,
                          const Tensor& mean_dy, const Tensor& mean_dy_xmu, int act) {
-    const auto acc = acc_dtype(v.x.scalar_type());
-    Tensor a = f.invstd * f.weight;
-    Tensor b = -a * f.invstd * f.invstd * mean_dy_xmu.to(at::kDouble);
-    Tensor c = -a * mean_dy.to(at::kDouble);
+    auto [a, b, c] = B::dx_coefficients(f, mean_dy, mean_dy_xmu, acc_dtype(v.x.scalar_type()));
     Tensor dx = like(v);
-    B::grad_input(v, dy, dx, a.to(acc), b.to(acc), f.acc_mean, c.to(acc), f.acc_scale, f.acc_bias,
-                  /*per_sample=*/false, act);
+    B::grad_input(v, dy, dx, a, b, f.acc_mean, c, f.acc_scale, f.acc_bias, /*per_sample=*/false,
+                  act);
     return dx;
   }
 

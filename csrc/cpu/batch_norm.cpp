@@ -87,9 +87,54 @@ struct CpuBatchNorm : ChannelDrivers {
             param_grad(v.x, mask[2], bias, [&] { return sum_dy; })};
   }
 
+  // The per-channel constants in loops over the C values: a dozen small ATen
+  // ops (as the CUDA backend's dx_coefficients uses) cost tens of
+  // microseconds per call, more than the computation, which small tensors
+  // notice.
   static Folded fold(const Tensor& mean, const Tensor& var, const OptTensor& weight,
                      const OptTensor& bias, double eps, at::ScalarType acc) {
-    return batch_norm::fold_aten(mean, var, weight, bias, eps, acc);
+    const int64_t C = mean.size(0);
+    Tensor dbl = at::empty({3, C}, mean.options().dtype(at::kDouble));  // mean, invstd, weight
+    Tensor consts = at::empty({3, C}, mean.options().dtype(acc));     // mean, scale, bias
+    double* d = ptr<double>(dbl);
+    std::vector<double> b(static_cast<size_t>(C), 0.0);
+    read_as_double(mean, d);
+    read_as_double(var, d + C);
+    if (present(weight)) read_as_double(*weight, d + 2 * C); else std::fill(d + 2 * C, d + 3 * C, 1.0);
+    if (present(bias)) read_as_double(*bias, b.data());
+    for (int64_t c = 0; c < C; ++c) d[C + c] = 1.0 / std::sqrt(d[C + c] + eps);
+    AT_DISPATCH_FLOATING_TYPES(acc, kOp, [&] {
+      scalar_t* k = ptr<scalar_t>(consts);
+      for (int64_t c = 0; c < C; ++c) {
+        k[c] = static_cast<scalar_t>(d[c]);
+        k[C + c] = static_cast<scalar_t>(d[C + c] * d[2 * C + c]);
+        k[2 * C + c] = static_cast<scalar_t>(b[c]);
+      }
+    });
+    return Folded{dbl[0], dbl[1], dbl[2], consts[0], consts[1], consts[2]};
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> dx_coefficients(const Folded& f,
+                                                            const Tensor& mean_dy,
+                                                            const Tensor& mean_dy_xmu,
+                                                            at::ScalarType acc) {
+    const int64_t C = f.invstd.size(0);
+    std::vector<double> md(static_cast<size_t>(C)), mx(static_cast<size_t>(C));
+    read_as_double(mean_dy, md.data());
+    read_as_double(mean_dy_xmu, mx.data());
+    Tensor coef = at::empty({3, C}, f.invstd.options().dtype(acc));
+    const double* inv = ptr<double>(f.invstd);
+    const double* w = ptr<double>(f.weight);
+    AT_DISPATCH_FLOATING_TYPES(acc, kOp, [&] {
+      scalar_t* k = ptr<scalar_t>(coef);
+      for (int64_t c = 0; c < C; ++c) {
+        const double a = inv[c] * w[c];
+        k[c] = static_cast<scalar_t>(a);
+        k[C + c] = static_cast<scalar_t>(-a * inv[c] * inv[c] * mx[c]);
+        k[2 * C + c] = static_cast<scalar_t>(-a * md[c]);
+      }
+    });
+    return {coef[0], coef[1], coef[2]};
   }
 
   static void update_running(const OptTensor& running_mean, const OptTensor& running_var,

@@ -37,6 +37,15 @@ T* ptr(const Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
+// out[i] = t[i] for a vector t of any floating dtype (and any stride).
+inline void read_as_double(const Tensor& t, double* out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "normops", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    const int64_t stride = t.stride(0);
+    for (int64_t i = 0; i < t.numel(); ++i) out[i] = static_cast<double>(p[i * stride]);
+  });
+}
+
 // Number of parallel chunks for `total` units of work with at least
 // `min_per_chunk` units each, at most one per thread.
 inline int64_t num_chunks(int64_t total, int64_t min_per_chunk) {

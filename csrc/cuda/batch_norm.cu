@@ -286,6 +286,13 @@ struct CudaBatchNorm : ChannelDrivers {
     return Folded{dbl[0], dbl[1], dbl[2], consts[0], consts[1], consts[2]};
   }
 
+  static std::tuple<Tensor, Tensor, Tensor> dx_coefficients(const Folded& f,
+                                                            const Tensor& mean_dy,
+                                                            const Tensor& mean_dy_xmu,
+                                                            at::ScalarType acc) {
+    return batch_norm::dx_coefficients_aten(f, mean_dy, mean_dy_xmu, acc);
+  }
+
   // One kernel for both buffers when they share a dtype (as a module's do).
   static void update_running(const OptTensor& running_mean, const OptTensor& running_var,
                              const Tensor& mean, const Tensor& var, double momentum,
