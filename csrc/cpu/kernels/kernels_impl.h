@@ -208,10 +208,9 @@ NORMOPS_INLINE void prefetch_run(const T* run, int64_t len) {
 // elements, run j at x + j * stride. The first pass is shifted by the block's
 // first value, so the sum stays at the scale of the spread, not of the mean;
 // the second is the corrected two-pass, which removes the rounding left in
-// the block mean.
-// The second pass, which reads the block from cache, prefetches `next` (the
-// block to follow, same layout; null for none): memory would otherwise sit
-// idle until that block's first pass.
+// the block mean. The second pass, which reads the block from cache, also
+// prefetches `next` (the block to follow, same layout; null for none):
+// memory would otherwise sit idle until that block's first pass.
 template <typename T>
 NORMOPS_INLINE void block_moments(const T* x, int64_t len, int64_t stride, int64_t runs,
                                   const T* next, acc_t<T>& mean, acc_t<T>& m2) {
