@@ -209,11 +209,13 @@ NORMOPS_INLINE void prefetch_run(const T* run, int64_t len) {
 // first value, so the sum stays at the scale of the spread, not of the mean;
 // the second is the corrected two-pass, which removes the rounding left in
 // the block mean. The second pass, which reads the block from cache, also
-// prefetches `next` (the block to follow, same layout; null for none):
-// memory would otherwise sit idle until that block's first pass.
+// prefetches the block to follow (next_runs runs of next_len values from
+// `next`, same stride; none when next_runs is 0): memory would otherwise sit
+// idle until that block's first pass.
 template <typename T>
 NORMOPS_INLINE void block_moments(const T* x, int64_t len, int64_t stride, int64_t runs,
-                                  const T* next, acc_t<T>& mean, acc_t<T>& m2) {
+                                  const T* next, int64_t next_len, int64_t next_runs,
+                                  acc_t<T>& mean, acc_t<T>& m2) {
   using A = acc_t<T>;
   using V = vec_t<A>;
   const A shift = load(x[0]);
@@ -234,11 +236,11 @@ NORMOPS_INLINE void block_moments(const T* x, int64_t len, int64_t stride, int64
   VecSums<A, 2> centred;  // sum(d^2), sum(d)
   for (int64_t j = 0; j < runs; ++j) {
     const T* __restrict xj = x + j * stride;
-    const T* nj = next == nullptr ? nullptr : next + j * stride;
+    const T* nj = j < next_runs ? next + j * stride : nullptr;
     centred.add(
         len,
         [&](int64_t i, V* acc) {
-          if (nj != nullptr) __builtin_prefetch(nj + i);
+          if (nj != nullptr && i < next_len) __builtin_prefetch(nj + i);
           const V d = vload_widened(xj + i) - vbm;
           acc[0] += d * d;
           acc[1] += d;
@@ -290,9 +292,12 @@ void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, acc_t<
     for (int64_t j = 0; j < count; ++j) {
       for (int64_t b0 = 0; b0 < len; b0 += kBlockElems) {
         const int64_t l = len - b0 < kBlockElems ? len - b0 : kBlockElems;
-        const T* next = b0 + l < len ? x + j * stride + b0 + l
-                        : j + 1 < count ? x + (j + 1) * stride : nullptr;
-        block_moments(x + j * stride + b0, l, stride, 1, next, bm, bq);
+        // The next block: the rest of this run, or the start of the next one.
+        const bool same_run = b0 + l < len, next_run = j + 1 < count;
+        const T* next = same_run ? x + j * stride + b0 + l : next_run ? x + (j + 1) * stride : x;
+        const int64_t next_len = same_run ? len - b0 - l : len;
+        block_moments(x + j * stride + b0, l, stride, 1, next, next_len,
+                      same_run || next_run ? 1 : 0, bm, bq);
         chan_merge(n, mu, q, A(l), bm, bq);
       }
     }
@@ -303,10 +308,12 @@ void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, acc_t<
       if constexpr (kWidenShortRuns<T>) {
         alignas(64) static thread_local A wide[kBlockElems];
         widen_runs(x + j0 * stride, len, stride, runs, wide);
-        block_moments<A>(wide, len * runs, 0, 1, nullptr, bm, bq);
+        block_moments<A>(wide, len * runs, 0, 1, wide, 0, 0, bm, bq);
       } else {
-        const T* next = j0 + runs < count ? x + (j0 + runs) * stride : nullptr;
-        block_moments(x + j0 * stride, len, stride, runs, next, bm, bq);
+        // The next block's runs, as many as there are.
+        const int64_t next_runs = count - j0 - runs < per_block ? count - j0 - runs : per_block;
+        block_moments(x + j0 * stride, len, stride, runs,
+                      next_runs > 0 ? x + (j0 + runs) * stride : x, len, next_runs, bm, bq);
       }
       chan_merge(n, mu, q, A(len * runs), bm, bq);
     }
