@@ -144,15 +144,13 @@ struct CpuBatchNorm : ChannelDrivers {
          {std::make_tuple(running_mean, mean, 1.0), std::make_tuple(running_var, var, unbias)}) {
       if (!present(running)) continue;
       Tensor r = *running;
+      std::vector<double> value(static_cast<size_t>(stat.numel()));
+      read_as_double(stat, value.data());
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), kOp, [&] {
-        using R = scalar_t;
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, stat.scalar_type(), kOp, [&] {
-          R* out = r.data_ptr<R>();
-          const scalar_t* in = stat.const_data_ptr<scalar_t>();
-          for (int64_t c = 0; c < stat.numel(); ++c)
-            out[c] = static_cast<R>(
-                running_update(double(out[c]), double(in[c]) * factor, momentum));
-        });
+        scalar_t* out = r.data_ptr<scalar_t>();
+        for (int64_t c = 0; c < stat.numel(); ++c)
+          out[c] = static_cast<scalar_t>(
+              running_update(double(out[c]), value[c] * factor, momentum));
       });
     }
   }
