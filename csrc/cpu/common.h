@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <vector>
+
 #include "../channel_view.h"
 #include "../checks.h"
 #include "../moments.h"
@@ -44,6 +46,34 @@ inline void read_as_double(const Tensor& t, double* out) {
     const int64_t stride = t.stride(0);
     for (int64_t i = 0; i < t.numel(); ++i) out[i] = static_cast<double>(p[i * stride]);
   });
+}
+
+// A per-channel parameter in double, `fill` repeated when absent.
+inline std::vector<double> param_as_double(const OptTensor& p, int64_t C, double fill) {
+  std::vector<double> out(static_cast<size_t>(C), fill);
+  if (present(p)) read_as_double(*p, out.data());
+  return out;
+}
+
+// A new tensor of `sizes` and `opts` (any floating dtype) holding values.
+inline Tensor from_double(const double* values, at::IntArrayRef sizes,
+                          const at::TensorOptions& opts) {
+  Tensor t = at::empty(sizes, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "normops", [&] {
+    scalar_t* p = t.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < t.numel(); ++i) p[i] = static_cast<scalar_t>(values[i]);
+  });
+  return t;
+}
+
+// A parameter's gradient from its values in double: the parameter's dtype
+// (the input's when it is absent), 0 elements when not wanted.
+inline Tensor param_grad_from(const Tensor& input, bool wanted, const OptTensor& param,
+                              const std::vector<double>& values) {
+  const auto opts = input.options().dtype(present(param) ? param->scalar_type()
+                                                         : input.scalar_type());
+  if (!wanted) return at::empty({0}, opts);
+  return from_double(values.data(), {static_cast<int64_t>(values.size())}, opts);
 }
 
 // Number of parallel chunks for `total` units of work with at least

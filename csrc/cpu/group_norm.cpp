@@ -1,5 +1,8 @@
-// Group norm's CPU backend: the shared drivers, plus the NCHW path fused
-// per (n, group). The op logic is csrc/group_norm_impl.h.
+// Group norm's CPU backend: per-(n, group) constants computed in double in
+// plain loops (a call's fixed cost stays near ATen's), around the kernels.
+// NCHW with enough groups for every thread is fused per (n, group); other
+// inputs go through the channel drivers. The op logic is
+// csrc/group_norm_impl.h.
 #include <torch/library.h>
 
 #include "../group_norm_impl.h"
@@ -11,10 +14,17 @@ namespace {
 
 using group_norm::kOp;
 
-// Forward by group; mean and rstd [N*G] in double.
+// NCHW with enough groups for every thread: each (n, group) is one contiguous
+// span of C/G planes, normalised (or differentiated) right after its
+// reduction while it is still in cache: one read of x (and dy) from memory.
+bool fused_by_group(const ChannelView& v, int64_t G) {
+  return !v.rows && v.N * G >= at::get_num_threads();
+}
+
+// Forward by group; fills mean and rstd [N*G].
 template <typename T>
-void forward_by_group(const ChannelView& v, int64_t G, const Tensor& out, const Tensor& w,
-                      const Tensor& b, double eps, const Tensor& mean, const Tensor& rstd) {
+void forward_by_group(const ChannelView& v, int64_t G, const Tensor& out, const double* w,
+                      const double* b, double eps, double* mean, double* rstd) {
   using A = acc_t<T>;
   const auto& k = kernels<T>();
   const int64_t D = v.C / G;
@@ -27,20 +37,53 @@ void forward_by_group(const ChannelView& v, int64_t G, const Tensor& out, const 
       const double r = 1.0 / std::sqrt(double(gq) / double(D * v.HW) + eps);
       for (int64_t d = 0; d < D; ++d) {
         const int64_t c = (ng % G) * D + d, p = ng * D + d;
-        const A s = A(r * ptr<double>(w)[c]), h = A(ptr<double>(b)[c]);
-        k.span_affine[0](x + p * v.HW, y + p * v.HW, v.HW, 0, 1, gm, s, h);
+        k.span_affine[0](x + p * v.HW, y + p * v.HW, v.HW, 0, 1, gm, A(r * w[c]), A(b[c]));
       }
-      ptr<double>(mean)[ng] = gm;
-      ptr<double>(rstd)[ng] = r;
+      mean[ng] = gm;
+      rstd[ng] = r;
     }
   });
+}
+
+// Forward through the drivers: per-(n, c) moments (HW values each), merged
+// into groups with Chan's formula for equal counts, in double.
+template <typename T>
+void forward_by_channel(const ChannelView& v, int64_t G, const Tensor& out, const double* w,
+                        const double* b, double eps, double* mean, double* rstd) {
+  using A = acc_t<T>;
+  const int64_t N = v.N, C = v.C, D = C / G;
+  auto [mean_c, m2_c] = channel_moments<T>(v, /*per_sample=*/true);
+  const A* mc = ptr<const A>(mean_c);
+  const A* qc = ptr<const A>(m2_c);
+  Tensor consts = at::empty({3, N * C}, mean_c.options());  // mean, scale, bias per (n, c)
+  A* k = ptr<A>(consts);
+  for (int64_t ng = 0; ng < N * G; ++ng) {
+    const int64_t p0 = ng * D;
+    double mu = 0, m2 = 0;
+    for (int64_t d = 0; d < D; ++d) mu += double(mc[p0 + d]);
+    mu /= double(D);
+    for (int64_t d = 0; d < D; ++d) {
+      const double delta = double(mc[p0 + d]) - mu;
+      m2 += double(qc[p0 + d]) + delta * delta * double(v.HW);
+    }
+    const double r = 1.0 / std::sqrt(m2 / double(D * v.HW) + eps);
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t c = (ng % G) * D + d;
+      k[p0 + d] = A(mu);
+      k[N * C + p0 + d] = A(r * w[c]);
+      k[2 * N * C + p0 + d] = A(b[c]);
+    }
+    mean[ng] = mu;
+    rstd[ng] = r;
+  }
+  channel_affine<T>(v, out, consts[0], consts[1], consts[2], /*per_sample=*/true, 0);
 }
 
 // Backward by group: fills dx and the per-(n, c) sums of dy and dy*(x-mean).
 template <typename T>
 void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const Tensor& dx,
-                       const Tensor& mean, const Tensor& rstd, const Tensor& w,
-                       const Tensor& sum_dy, const Tensor& sum_dy_xmu) {
+                       const double* mean, const double* rstd, const double* w, double* sum_dy,
+                       double* sum_dy_xmu) {
   using A = acc_t<T>;
   const auto& k = kernels<T>();
   const int64_t D = v.C / G;
@@ -50,25 +93,22 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
   T* d = ptr<T>(dx);
   at::parallel_for(0, v.N * G, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t ng = g0; ng < g1; ++ng) {
-      const A m = A(ptr<double>(mean)[ng]);
-      const double r = ptr<double>(rstd)[ng];
+      const A m = A(mean[ng]);
+      const double r = rstd[ng];
       double e1 = 0, e2 = 0;
       for (int64_t j = 0; j < D; ++j) {
         const int64_t p = ng * D + j;
-        const double wc = ptr<double>(w)[(ng % G) * D + j];
         A pd, px;
         k.span_grad_sums[0](g + p * v.HW, x + p * v.HW, v.HW, 0, 1, m, 1, 0, &pd, &px);
-        ptr<double>(sum_dy)[p] = pd;
-        ptr<double>(sum_dy_xmu)[p] = px;
-        e1 += wc * pd;
-        e2 += wc * px;
+        sum_dy[p] = pd;
+        sum_dy_xmu[p] = px;
+        e1 += w[(ng % G) * D + j] * pd;
+        e2 += w[(ng % G) * D + j] * px;
       }
-      e1 /= count;
-      e2 /= count;
-      const A kb = A(-r * r * r * e2), kc = A(-r * e1);
+      const A kb = A(-r * r * r * e2 / count), kc = A(-r * e1 / count);
       for (int64_t j = 0; j < D; ++j) {
         const int64_t p = ng * D + j;
-        const A ka = A(r * ptr<double>(w)[(ng % G) * D + j]);
+        const A ka = A(r * w[(ng % G) * D + j]);
         k.span_grad_input[0](g + p * v.HW, x + p * v.HW, d + p * v.HW, v.HW, 0, 1, ka, kb, m, kc,
                              1, 0);
       }
@@ -76,42 +116,90 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
   });
 }
 
-// NCHW with enough groups for every thread: each (n, group) is one contiguous
-// span of C/G planes, normalised (or differentiated) right after its
-// reduction while it is still in cache: one read of x (and dy) from memory.
-struct CpuGroupNorm : ChannelDrivers {
-  static constexpr bool kFused = true;
+// dx = rstd*w*dy - rstd^3 * E[dy*w*(x-mean)] * (x-mean) - rstd * E[dy*w],
+// the expectations over each (n, group); through the drivers. Fills the
+// per-(n, c) sums, and dx when it is defined.
+template <typename T>
+void backward_by_channel(const ChannelView& v, int64_t G, const Tensor& dy, const Tensor& dx,
+                         const double* mean, const double* rstd, const double* w, double* sum_dy,
+                         double* sum_dy_xmu) {
+  using A = acc_t<T>;
+  const int64_t N = v.N, C = v.C, D = C / G;
+  const double count = double(D * v.HW);
+  // a, b, mean, c per (n, c): dx = a * dy + b * (x - mean) + c.
+  Tensor coef = at::empty({4, N * C}, v.x.options().dtype(acc_dtype(v.x.scalar_type())));
+  A* k = ptr<A>(coef);
+  for (int64_t p = 0; p < N * C; ++p) k[2 * N * C + p] = A(mean[p / D]);
+  // No activation: the mask's scale and bias arguments are not read.
+  auto [sd, sx] = channel_grad_sums<T>(v, dy, coef[2], coef[2], coef[2], /*per_sample=*/true, 0);
+  std::copy(ptr<const double>(sd), ptr<const double>(sd) + N * C, sum_dy);
+  std::copy(ptr<const double>(sx), ptr<const double>(sx) + N * C, sum_dy_xmu);
+  if (!dx.defined()) return;
+  for (int64_t ng = 0; ng < N * G; ++ng) {
+    const int64_t p0 = ng * D;
+    double e1 = 0, e2 = 0;
+    for (int64_t j = 0; j < D; ++j) {
+      e1 += w[(ng % G) * D + j] * sum_dy[p0 + j];
+      e2 += w[(ng % G) * D + j] * sum_dy_xmu[p0 + j];
+    }
+    const double r = rstd[ng];
+    for (int64_t j = 0; j < D; ++j) {
+      k[p0 + j] = A(r * w[(ng % G) * D + j]);
+      k[N * C + p0 + j] = A(-r * r * r * e2 / count);
+      k[3 * N * C + p0 + j] = A(-r * e1 / count);
+    }
+  }
+  channel_grad_input<T>(v, dy, dx, coef[0], coef[1], coef[2], coef[3], coef[0], coef[0],
+                        /*per_sample=*/true, 0);
+}
 
-  static bool use_fused(const ChannelView& v, int64_t G) {
-    return !v.rows && v.N * v.HW > 0 && v.N * G >= at::get_num_threads();
+struct CpuGroupNorm {
+  static std::tuple<Tensor, Tensor, Tensor> forward(const ChannelView& v, int64_t G,
+                                                    const OptTensor& weight,
+                                                    const OptTensor& bias, double eps) {
+    const auto opts = v.x.options().dtype(acc_dtype(v.x.scalar_type()));
+    std::vector<double> mean(static_cast<size_t>(v.N * G), 0.0), rstd(mean);
+    Tensor out = like(v);
+    if (v.x.numel() > 0) {
+      const auto w = param_as_double(weight, v.C, 1.0), b = param_as_double(bias, v.C, 0.0);
+      dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        (fused_by_group(v, G) ? forward_by_group<T> : forward_by_channel<T>)(
+            v, G, out, w.data(), b.data(), eps, mean.data(), rstd.data());
+      });
+    }
+    return {out, from_double(mean.data(), {v.N, G}, opts), from_double(rstd.data(), {v.N, G}, opts)};
   }
-  static std::tuple<Tensor, Tensor, Tensor> forward_fused(const ChannelView& v, int64_t G,
-                                                           const OptTensor& weight,
-                                                           const OptTensor& bias, double eps) {
-    return group_norm::forward_in_double(
-        v, G, weight, bias, eps,
-        [](const ChannelView& v, int64_t G, const Tensor& out, const Tensor& w, const Tensor& b,
-           double eps, const Tensor& mean, const Tensor& rstd) {
-          dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
-            forward_by_group<typename decltype(tag)::type>(v, G, out, w, b, eps, mean, rstd);
-          });
-        });
-  }
-  static std::tuple<Tensor, Tensor, Tensor> backward_fused(const ChannelView& v, int64_t G,
-                                                            const Tensor& dy, const Tensor& mean,
-                                                            const Tensor& rstd,
-                                                            const OptTensor& weight,
-                                                            std::array<bool, 3> output_mask) {
-    return group_norm::backward_in_double(
-        v, G, dy, mean, rstd, weight, output_mask,
-        [](const ChannelView& v, int64_t G, const Tensor& dy, const Tensor& dx, const Tensor& mean,
-           const Tensor& rstd, const Tensor& w, bool /*need_dx: always*/, const Tensor& sum_dy,
-           const Tensor& sum_dy_xmu) {
-          dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
-            backward_by_group<typename decltype(tag)::type>(v, G, dy, dx, mean, rstd, w, sum_dy,
-                                                            sum_dy_xmu);
-          });
-        });
+
+  static std::tuple<Tensor, Tensor, Tensor> backward(const ChannelView& v, int64_t G,
+                                                     const Tensor& dy, const Tensor& mean,
+                                                     const Tensor& rstd, const OptTensor& weight,
+                                                     std::array<bool, 3> output_mask) {
+    const int64_t N = v.N, C = v.C, D = C / G;
+    std::vector<double> md(static_cast<size_t>(N * G)), rd(md);
+    read_as_double(mean.reshape({N * G}), md.data());
+    read_as_double(rstd.reshape({N * G}), rd.data());
+    const auto w = param_as_double(weight, C, 1.0);
+    Tensor dx = output_mask[0] ? like(v) : Tensor();
+    std::vector<double> sum_dy(static_cast<size_t>(N * C), 0.0), sum_dy_xmu(sum_dy);
+    if (v.x.numel() > 0) {
+      dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        (dx.defined() && fused_by_group(v, G) ? backward_by_group<T> : backward_by_channel<T>)(
+            v, G, dy, dx, md.data(), rd.data(), w.data(), sum_dy.data(), sum_dy_xmu.data());
+      });
+    }
+    // Parameter gradients have the weight's dtype (the input's without one).
+    std::vector<double> grad_weight(static_cast<size_t>(C), 0.0), grad_bias(grad_weight);
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t c = 0; c < C; ++c) {
+        grad_weight[c] += sum_dy_xmu[n * C + c] * rd[n * G + c / D];
+        grad_bias[c] += sum_dy[n * C + c];
+      }
+    }
+    return {output_mask[0] ? dx : at::empty({0}, v.x.options()),
+            param_grad_from(v.x, output_mask[1], weight, grad_weight),
+            param_grad_from(v.x, output_mask[2], weight, grad_bias)};
   }
 };
 

@@ -126,18 +126,15 @@ __global__ void backward_finalize_kernel(const A* __restrict__ psum_dy,
   }
 }
 
-struct CudaGroupNorm : ChannelDrivers {
-  static constexpr bool kFused = true;
-
-  static bool use_fused(const ChannelView&, int64_t) { return true; }
-
-  static std::tuple<Tensor, Tensor, Tensor> forward_fused(const ChannelView& v, int64_t G,
-                                                           const OptTensor& weight,
-                                                           const OptTensor& bias, double eps) {
+struct CudaGroupNorm {
+  static std::tuple<Tensor, Tensor, Tensor> forward(const ChannelView& v, int64_t G,
+                                                    const OptTensor& weight,
+                                                    const OptTensor& bias, double eps) {
     const c10::cuda::CUDAGuard guard(v.x.device());
     const auto acc = acc_dtype(v.x.scalar_type());
     const auto opts = v.x.options().dtype(acc);
     const int64_t N = v.N, C = v.C, D = C / G;
+    if (v.x.numel() == 0) return {like(v), at::zeros({N, G}, opts), at::zeros({N, G}, opts)};
     const int64_t splits = v.rows ? row_splits(v.HW, C, N) : span_splits(N * G, D * v.HW);
     Tensor out = like(v);
     Tensor mean = at::empty({N, G}, opts), rstd = at::empty({N, G}, opts);
@@ -167,22 +164,27 @@ struct CudaGroupNorm : ChannelDrivers {
     return {out, mean, rstd};
   }
 
-  static std::tuple<Tensor, Tensor, Tensor> backward_fused(const ChannelView& v, int64_t G,
-                                                            const Tensor& dy, const Tensor& mean,
-                                                            const Tensor& rstd,
-                                                            const OptTensor& weight,
-                                                            std::array<bool, 3> output_mask) {
+  static std::tuple<Tensor, Tensor, Tensor> backward(const ChannelView& v, int64_t G,
+                                                     const Tensor& dy, const Tensor& mean,
+                                                     const Tensor& rstd, const OptTensor& weight,
+                                                     std::array<bool, 3> output_mask) {
     const c10::cuda::CUDAGuard guard(v.x.device());
     const auto acc = acc_dtype(v.x.scalar_type());
     const auto opts = v.x.options().dtype(acc);
     const int64_t N = v.N, C = v.C, D = C / G;
+    if (v.x.numel() == 0) {
+      Tensor zeros = at::zeros({C}, opts);
+      return {output_mask[0] ? like(v) : at::empty({0}, v.x.options()),
+              param_grad(v.x, output_mask[1], weight, [&] { return zeros; }),
+              param_grad(v.x, output_mask[2], weight, [&] { return zeros; })};
+    }
     const int64_t splits = v.rows ? row_splits(v.HW, C, N) : 1;
     Tensor m = mean.to(acc).contiguous(), r = rstd.to(acc).contiguous();
     Tensor partial = at::empty({2, N * splits * C}, opts);
     Tensor coef = at::empty({4, N * C}, opts);  // a, b, c, and the mean per (n, c)
     Tensor grad_weight = at::empty({C}, opts), grad_bias = at::empty({C}, opts);
     Tensor w = acc_param(weight, acc);
-    Tensor dx = like(v);
+    Tensor dx = output_mask[0] ? like(v) : at::empty({0}, v.x.options());
     auto stream = c10::cuda::getCurrentCUDAStream();
     NORMOPS_CUDA_DISPATCH(v.x.scalar_type(), "normops_group_norm_backward_cuda", [&] {
       using T = scalar_t;
@@ -206,8 +208,9 @@ struct CudaGroupNorm : ChannelDrivers {
           grad_bias.mutable_data_ptr<A>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       // No activation: the mask's scale and bias arguments are not read.
-      channel_grad_input<T>(v, dy, dx, coef[0], coef[1], coef[3], coef[2], coef[0], coef[0],
-                            /*per_sample=*/true, 0);
+      if (output_mask[0])
+        channel_grad_input<T>(v, dy, dx, coef[0], coef[1], coef[3], coef[2], coef[0], coef[0],
+                              /*per_sample=*/true, 0);
     });
     return {dx, param_grad(v.x, output_mask[1], weight, [&] { return grad_weight; }),
             param_grad(v.x, output_mask[2], weight, [&] { return grad_bias; })};
