@@ -30,13 +30,17 @@ struct CpuBatchNorm : ChannelDrivers {
     const auto acc = acc_dtype(v.x.scalar_type());
     Tensor out = like(v);
     Tensor mean = at::empty({v.C}, v.x.options().dtype(acc)), var = at::empty_like(mean);
-    Tensor w = acc_vector(weight, v.C, at::kDouble, 1.0), b = acc_vector(bias, v.C, at::kDouble, 0.0);
+    const auto w = param_as_double(weight, v.C, 1.0), b = param_as_double(bias, v.C, 0.0);
     dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
       using T = typename decltype(tag)::type;
       using A = acc_t<T>;
       const auto& k = kernels<T>();
       const T* x = ptr<const T>(v.x);
       T* y = ptr<T>(out);
+      const double* pw = w.data();
+      const double* pb = b.data();
+      A* pmean = ptr<A>(mean);
+      A* pvar = ptr<A>(var);
       at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           // Channel c: N runs of HW elements, C*HW apart.
@@ -44,10 +48,10 @@ struct CpuBatchNorm : ChannelDrivers {
           A mu, q;
           k.span_moments(x + off, v.HW, stride, v.N, &mu, &q);
           const A var_c = q / A(v.N * v.HW);
-          const A scale = A(ptr<double>(w)[c] / std::sqrt(double(var_c) + eps));
-          k.span_affine[act](x + off, y + off, v.HW, stride, v.N, mu, scale, A(ptr<double>(b)[c]));
-          ptr<A>(mean)[c] = mu;
-          ptr<A>(var)[c] = var_c;
+          const A scale = A(pw[c] / std::sqrt(double(var_c) + eps));
+          k.span_affine[act](x + off, y + off, v.HW, stride, v.N, mu, scale, A(pb[c]));
+          pmean[c] = mu;
+          pvar[c] = var_c;
         }
       });
     });
@@ -59,7 +63,7 @@ struct CpuBatchNorm : ChannelDrivers {
       const ChannelView& v, const Tensor& dy, const OptTensor& weight, const OptTensor& bias,
       const Tensor& mean, const Tensor& var, double eps, int act, std::array<bool, 3> mask) {
     const Folded f = fold(mean, var, weight, bias, eps, acc_dtype(v.x.scalar_type()));
-    Tensor sum_dy = at::empty({v.C}, f.mean.options()), sum_dy_xmu = at::empty_like(sum_dy);
+    std::vector<double> sum_dy(static_cast<size_t>(v.C)), sum_dy_xmu(sum_dy);
     Tensor dx = like(v);
     const double count = double(v.N * v.HW);
     dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
@@ -69,22 +73,31 @@ struct CpuBatchNorm : ChannelDrivers {
       const T* x = ptr<const T>(v.x);
       const T* g = ptr<const T>(dy);
       T* d = ptr<T>(dx);
+      const A* pm = ptr<A>(f.acc_mean);
+      const A* ps = ptr<A>(f.acc_scale);
+      const A* ph = ptr<A>(f.acc_bias);
+      const double* pinv = ptr<double>(f.invstd);
+      const double* pw = ptr<double>(f.weight);
+      double* psd = sum_dy.data();
+      double* psx = sum_dy_xmu.data();
       at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
-          const A m = ptr<A>(f.acc_mean)[c], s = ptr<A>(f.acc_scale)[c], h = ptr<A>(f.acc_bias)[c];
+          const A m = pm[c], s = ps[c], h = ph[c];
           const int64_t off = c * v.HW, stride = v.C * v.HW;
           A sd, sx;
           k.span_grad_sums[act](g + off, x + off, v.HW, stride, v.N, m, s, h, &sd, &sx);
-          ptr<double>(sum_dy)[c] = sd;
-          ptr<double>(sum_dy_xmu)[c] = sx;
-          const double inv = ptr<double>(f.invstd)[c], a = inv * ptr<double>(f.weight)[c];
+          psd[c] = sd;
+          psx[c] = sx;
+          const double inv = pinv[c], a = inv * pw[c];
           k.span_grad_input[act](g + off, x + off, d + off, v.HW, stride, v.N, A(a),
                                  A(-a * inv * inv * sx / count), m, A(-a * sd / count), s, h);
         }
       });
     });
-    return {dx, param_grad(v.x, mask[1], weight, [&] { return sum_dy_xmu * f.invstd; }),
-            param_grad(v.x, mask[2], bias, [&] { return sum_dy; })};
+    const double* inv = ptr<double>(f.invstd);
+    for (int64_t c = 0; c < v.C; ++c) sum_dy_xmu[c] *= inv[c];  // now the weight's gradient
+    return {dx, param_grad_from(v.x, mask[1], weight, sum_dy_xmu),
+            param_grad_from(v.x, mask[2], bias, sum_dy)};
   }
 
   // The per-channel constants in loops over the C values: a dozen small ATen

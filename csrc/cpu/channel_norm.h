@@ -49,9 +49,11 @@ std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample)
     Tensor pm = per_sample ? mean : at::empty({v.N * v.C}, opts);
     Tensor pq = per_sample ? m2 : at::empty({v.N * v.C}, opts);
     const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
+    A* plane_mean = ptr<A>(pm);
+    A* plane_m2 = ptr<A>(pq);
     at::parallel_for(0, v.N * v.C, grain, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p)
-        k.span_moments(x + p * v.HW, v.HW, 0, 1, ptr<A>(pm) + p, ptr<A>(pq) + p);
+        k.span_moments(x + p * v.HW, v.HW, 0, 1, plane_mean + p, plane_m2 + p);
     });
     if (!per_sample) {
       A* om = ptr<A>(mean);
@@ -166,10 +168,12 @@ std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& 
     Tensor pd = at::empty({v.N * C}, opts), px = at::empty({v.N * C}, opts);
     const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
     const int64_t period = per_sample ? v.N * C : C;
+    A* plane_dy = ptr<A>(pd);
+    A* plane_dy_xmu = ptr<A>(px);
     at::parallel_for(0, v.N * C, grain, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p)
         k.span_grad_sums[act](g + p * v.HW, x + p * v.HW, v.HW, 0, 1, m[p % period],
-                              s[p % period], h[p % period], ptr<A>(pd) + p, ptr<A>(px) + p);
+                              s[p % period], h[p % period], plane_dy + p, plane_dy_xmu + p);
     });
     const A* id = ptr<const A>(pd);
     const A* ix = ptr<const A>(px);
