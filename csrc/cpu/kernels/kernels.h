@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>  // std::index_sequence, for kernels_impl.h
 
 namespace normops {
 namespace cpu {

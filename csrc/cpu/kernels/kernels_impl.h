@@ -112,6 +112,23 @@ NORMOPS_INLINE void vstore(A* p, vec_t<A> v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
+// The sum of the lanes of v, added pairwise: the upper half of the vector
+// onto the lower, in registers, log2(L) times. A chain of L scalar adds, or
+// lanes reloaded from a stored vector (a failed store-to-load forward), would
+// dominate a short span such as an NCHW plane of 7x7 values.
+template <typename V, size_t... I>
+NORMOPS_INLINE auto halves_added(V v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, I...) +
+         __builtin_shufflevector(v, v, (I + sizeof...(I))...);
+}
+template <int64_t L, typename V>
+NORMOPS_INLINE auto lane_sum(V v) {
+  if constexpr (L == 2)
+    return v[0] + v[1];
+  else
+    return lane_sum<L / 2>(halves_added(v, std::make_index_sequence<L / 2>{}));
+}
+
 // A vector of T values, widened to the accumulation type.
 template <typename T>
 NORMOPS_INLINE vec_t<acc_t<T>> vload_widened(const T* p) {
@@ -182,13 +199,8 @@ struct VecSums {
   }
 
   NORMOPS_INLINE void total(A* out) const {
-    for (int k = 0; k < K; ++k) {
-      alignas(NORMOPS_VEC_BYTES) A lanes[L];
-      vstore(lanes, (acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k]));
-      A t = tail[k];
-      for (int64_t l = 0; l < L; ++l) t += lanes[l];
-      out[k] = t;
-    }
+    for (int k = 0; k < K; ++k)
+      out[k] = tail[k] + lane_sum<L>((acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k]));
   }
 };
 
