@@ -59,6 +59,13 @@ TORCH_LIBRARY(normops, m) {
       "Tensor rstd, Tensor? weight, bool[3] output_mask) -> (Tensor grad_input, "
       "Tensor grad_weight, Tensor grad_bias)");
 
+  // Depthwise 3x3 convolution, padding 1, no bias (weight [C, 1, 3, 3],
+  // stride 1 or 2), for the inverted residual's training path (CPU).
+  m.def("depthwise_conv3x3(Tensor input, Tensor weight, int stride) -> Tensor");
+  m.def(
+      "depthwise_conv3x3_backward(Tensor grad_out, Tensor input, Tensor weight, int stride, "
+      "bool[2] output_mask) -> (Tensor grad_input, Tensor grad_weight)");
+
   // MobileNetV2's inverted residual in inference, batch norms folded into the
   // convolutions (see csrc/inverted_residual.h): expand 1x1 + ReLU6 (absent
   // for expansion 1), depthwise 3x3 + ReLU6, project 1x1, + input.

@@ -113,6 +113,27 @@ struct Kernels {
   void (*depthwise3x3_row[kNumActs])(const A* const* rows, int64_t W, int64_t Wo,
                                      int64_t stride, int64_t C, const A* w, int64_t ldw,
                                      const A* bias, A* out);
+
+  // Depthwise 3x3 convolution for training (padding 1, stride 1 or 2, no
+  // bias; Ho = (H - 1) / stride + 1, likewise Wo). NCHW, one plane: the
+  // output (Ho x Wo) with weights w[9]; the input gradient (H x W); the
+  // weight gradient added to dw[9].
+  void (*depthwise_plane)(const A* x, int64_t H, int64_t W, int64_t stride, const A* w, A* y);
+  void (*depthwise_plane_grad_input)(const A* dy, int64_t H, int64_t W, int64_t stride,
+                                     const A* w, A* dx);
+  void (*depthwise_plane_grad_weight)(const A* dy, const A* x, int64_t H, int64_t W,
+                                      int64_t stride, double* dw);
+  // Channels_last, one image (H x W x C), weights wt[9 x C]: output rows
+  // [ho0, ho1); input-gradient rows [hi0, hi1); the weight gradient of
+  // output rows [ho0, ho1) added to dw[9 x C] (row: 9 x C scratch).
+  void (*depthwise_rows)(const A* x, int64_t H, int64_t W, int64_t C, int64_t stride,
+                         const A* wt, int64_t ho0, int64_t ho1, A* y);
+  void (*depthwise_rows_grad_input)(const A* dy, int64_t H, int64_t W, int64_t C,
+                                    int64_t stride, const A* wt, int64_t hi0, int64_t hi1,
+                                    A* dx);
+  void (*depthwise_rows_grad_weight)(const A* dy, const A* x, int64_t H, int64_t W, int64_t C,
+                                     int64_t stride, int64_t ho0, int64_t ho1, A* row,
+                                     double* dw);
 };
 
 namespace cap_default {

@@ -15,6 +15,9 @@ namespace NORMOPS_CAP {
 constexpr int64_t kBlockElems = 8192;
 
 #define NORMOPS_SIMD _Pragma("omp simd")
+// A loop the vectoriser may reassociate: a sum of short rows of products.
+#define NORMOPS_SIMD_REDUCTION(var) _Pragma(NORMOPS_STR(omp simd reduction(+ : var)))
+#define NORMOPS_STR(x) #x
 
 #define NORMOPS_INLINE inline __attribute__((always_inline))
 
@@ -899,6 +902,203 @@ void depthwise3x3_row(const A* const* rows, int64_t W, int64_t Wo, int64_t strid
   }
 }
 
+// ---- Depthwise 3x3 convolution (padding 1, stride 1 or 2) for training:
+// forward, and the gradients of input and weight. Output column wo reads
+// input column wo * stride - 1 + kw; the columns whose tap kw lies inside
+// the input are [tap_begin, tap_end).
+
+NORMOPS_INLINE int64_t tap_begin(int kw) { return kw == 0 ? 1 : 0; }
+NORMOPS_INLINE int64_t tap_end(int kw, int64_t W, int64_t Wo, int64_t stride) {
+  if (W - kw < 0) return 0;
+  const int64_t end = (W - kw) / stride + 1;
+  return end < Wo ? end : Wo;
+}
+
+// Input row of output row ho at tap kh, or -1 when it is padding.
+NORMOPS_INLINE int64_t tap_row(int64_t ho, int kh, int64_t H, int64_t stride) {
+  const int64_t hi = ho * stride - 1 + kh;
+  return hi >= 0 && hi < H ? hi : -1;
+}
+
+// Output row that reads input row hi at tap kh, or -1 when there is none.
+NORMOPS_INLINE int64_t tap_output_row(int64_t hi, int kh, int64_t Ho, int64_t stride) {
+  const int64_t t = hi + 1 - kh;
+  if (t < 0 || t % stride != 0 || t / stride >= Ho) return -1;
+  return t / stride;
+}
+
+// One NCHW plane: y (Ho x Wo) = conv(x (H x W), w[9]).
+template <typename A>
+void depthwise_plane(const A* x, int64_t H, int64_t W, int64_t stride, const A* w, A* y) {
+  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+  for (int64_t ho = 0; ho < Ho; ++ho) {
+    A* __restrict yr = y + ho * Wo;
+    NORMOPS_SIMD
+    for (int64_t wo = 0; wo < Wo; ++wo) yr[wo] = 0;
+    for (int kh = 0; kh < 3; ++kh) {
+      const int64_t hi = tap_row(ho, kh, H, stride);
+      if (hi < 0) continue;
+      const A* __restrict xr = x + hi * W;
+      for (int kw = 0; kw < 3; ++kw) {
+        const A wk = w[kh * 3 + kw];
+        const int64_t end = tap_end(kw, W, Wo, stride);
+        NORMOPS_SIMD
+        for (int64_t wo = tap_begin(kw); wo < end; ++wo) yr[wo] += wk * xr[wo * stride - 1 + kw];
+      }
+    }
+  }
+}
+
+// One NCHW plane's input gradient: dx (H x W) from dy (Ho x Wo), each input
+// row gathering the output rows that read it.
+template <typename A>
+void depthwise_plane_grad_input(const A* dy, int64_t H, int64_t W, int64_t stride, const A* w,
+                                A* dx) {
+  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+  for (int64_t hi = 0; hi < H; ++hi) {
+    A* __restrict dr = dx + hi * W;
+    NORMOPS_SIMD
+    for (int64_t wi = 0; wi < W; ++wi) dr[wi] = 0;
+    for (int kh = 0; kh < 3; ++kh) {
+      const int64_t ho = tap_output_row(hi, kh, Ho, stride);
+      if (ho < 0) continue;
+      const A* __restrict gr = dy + ho * Wo;
+      for (int kw = 0; kw < 3; ++kw) {
+        const A wk = w[kh * 3 + kw];
+        const int64_t end = tap_end(kw, W, Wo, stride);
+        NORMOPS_SIMD
+        for (int64_t wo = tap_begin(kw); wo < end; ++wo) dr[wo * stride - 1 + kw] += wk * gr[wo];
+      }
+    }
+  }
+}
+
+// One NCHW plane's weight gradient, added to dw[9]: each tap's sum over the
+// output of dy times the input it read.
+template <typename A>
+void depthwise_plane_grad_weight(const A* dy, const A* x, int64_t H, int64_t W, int64_t stride,
+                                 double* dw) {
+  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+  for (int kh = 0; kh < 3; ++kh) {
+    for (int kw = 0; kw < 3; ++kw) {
+      const int64_t begin = tap_begin(kw), end = tap_end(kw, W, Wo, stride);
+      double sum = 0;
+      for (int64_t ho = 0; ho < Ho; ++ho) {
+        const int64_t hi = tap_row(ho, kh, H, stride);
+        if (hi < 0) continue;
+        const A* __restrict gr = dy + ho * Wo;
+        const A* __restrict xr = x + hi * W;
+        A row = 0;
+        NORMOPS_SIMD_REDUCTION(row)
+        for (int64_t wo = begin; wo < end; ++wo) row += gr[wo] * xr[wo * stride - 1 + kw];
+        sum += row;
+      }
+      dw[kh * 3 + kw] += sum;
+    }
+  }
+}
+
+// Channels_last: one output pixel's C values from the `taps` input pixels it
+// reads, tap t weighted by wt[t] (C values each).
+template <typename A>
+NORMOPS_INLINE void depthwise_pixel(const A* const* in, const A* const* wt, int taps, int64_t C,
+                                    A* __restrict out) {
+  using V = vec_t<A>;
+  constexpr int64_t L = kVecLen<A>;
+  int64_t c = 0;
+  for (; c + L <= C; c += L) {
+    V acc = {};
+    for (int t = 0; t < taps; ++t) acc += vload(wt[t] + c) * vload(in[t] + c);
+    vstore(out + c, acc);
+  }
+  for (; c < C; ++c) {
+    A acc = 0;
+    for (int t = 0; t < taps; ++t) acc += wt[t][c] * in[t][c];
+    out[c] = acc;
+  }
+}
+
+// Channels_last image, output rows [ho0, ho1): y (Ho x Wo x C) = conv(x
+// (H x W x C), wt (9 x C)).
+template <typename A>
+void depthwise_rows(const A* x, int64_t H, int64_t W, int64_t C, int64_t stride, const A* wt,
+                    int64_t ho0, int64_t ho1, A* y) {
+  const int64_t Wo = (W - 1) / stride + 1;
+  const A* in[9];
+  const A* wk[9];
+  for (int64_t ho = ho0; ho < ho1; ++ho) {
+    for (int64_t wo = 0; wo < Wo; ++wo) {
+      int taps = 0;
+      for (int kh = 0; kh < 3; ++kh) {
+        const int64_t hi = tap_row(ho, kh, H, stride);
+        if (hi < 0) continue;
+        for (int kw = 0; kw < 3; ++kw) {
+          const int64_t wi = wo * stride - 1 + kw;
+          if (wi < 0 || wi >= W) continue;
+          in[taps] = x + (hi * W + wi) * C;
+          wk[taps++] = wt + (kh * 3 + kw) * C;
+        }
+      }
+      depthwise_pixel(in, wk, taps, C, y + (ho * Wo + wo) * C);
+    }
+  }
+}
+
+// Channels_last image, input rows [hi0, hi1) of dx, each pixel gathering the
+// output pixels that read it.
+template <typename A>
+void depthwise_rows_grad_input(const A* dy, int64_t H, int64_t W, int64_t C, int64_t stride,
+                               const A* wt, int64_t hi0, int64_t hi1, A* dx) {
+  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+  const A* in[9];
+  const A* wk[9];
+  for (int64_t hi = hi0; hi < hi1; ++hi) {
+    for (int64_t wi = 0; wi < W; ++wi) {
+      int taps = 0;
+      for (int kh = 0; kh < 3; ++kh) {
+        const int64_t ho = tap_output_row(hi, kh, Ho, stride);
+        if (ho < 0) continue;
+        for (int kw = 0; kw < 3; ++kw) {
+          const int64_t wo = tap_output_row(wi, kw, Wo, stride);
+          if (wo < 0) continue;
+          in[taps] = dy + (ho * Wo + wo) * C;
+          wk[taps++] = wt + (kh * 3 + kw) * C;
+        }
+      }
+      depthwise_pixel(in, wk, taps, C, dx + (hi * W + wi) * C);
+    }
+  }
+}
+
+// Channels_last image, output rows [ho0, ho1): the weight gradient (9 x C)
+// added to dw, summed per output row in `row` (9 x C scratch).
+template <typename A>
+void depthwise_rows_grad_weight(const A* dy, const A* x, int64_t H, int64_t W, int64_t C,
+                                int64_t stride, int64_t ho0, int64_t ho1, A* row, double* dw) {
+  const int64_t Wo = (W - 1) / stride + 1;
+  for (int64_t ho = ho0; ho < ho1; ++ho) {
+    NORMOPS_SIMD
+    for (int64_t i = 0; i < 9 * C; ++i) row[i] = 0;
+    for (int64_t wo = 0; wo < Wo; ++wo) {
+      const A* __restrict g = dy + (ho * Wo + wo) * C;
+      for (int kh = 0; kh < 3; ++kh) {
+        const int64_t hi = tap_row(ho, kh, H, stride);
+        if (hi < 0) continue;
+        for (int kw = 0; kw < 3; ++kw) {
+          const int64_t wi = wo * stride - 1 + kw;
+          if (wi < 0 || wi >= W) continue;
+          const A* __restrict xp = x + (hi * W + wi) * C;
+          A* __restrict r = row + (kh * 3 + kw) * C;
+          NORMOPS_SIMD
+          for (int64_t c = 0; c < C; ++c) r[c] += g[c] * xp[c];
+        }
+      }
+    }
+    NORMOPS_SIMD
+    for (int64_t i = 0; i < 9 * C; ++i) dw[i] += row[i];
+  }
+}
+
 template <typename T>
 const Kernels<T>& kernel_table() {
   static const Kernels<T> table = {
@@ -922,6 +1122,12 @@ const Kernels<T>& kernel_table() {
        &gemm_bias_act<acc_t<T>, Act::ReLU6>},
       {&depthwise3x3_row<acc_t<T>, Act::None>, &depthwise3x3_row<acc_t<T>, Act::ReLU>,
        &depthwise3x3_row<acc_t<T>, Act::ReLU6>},
+      &depthwise_plane<acc_t<T>>,
+      &depthwise_plane_grad_input<acc_t<T>>,
+      &depthwise_plane_grad_weight<acc_t<T>>,
+      &depthwise_rows<acc_t<T>>,
+      &depthwise_rows_grad_input<acc_t<T>>,
+      &depthwise_rows_grad_weight<acc_t<T>>,
   };
   return table;
 }

@@ -1,0 +1,114 @@
+"""The depthwise 3x3 convolution ops (the inverted residual's training path,
+CPU) against torch's convolution: outputs and both gradients in every layout,
+stride 1 and 2, odd and one-pixel sizes; gradcheck, opcheck, torch.compile,
+bad input."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normops  # noqa: F401
+from helpers import GRAD_TOL, LAYOUTS, TOL, make_input
+
+ops = torch.ops.normops
+
+SHAPES = [(2, 3, 5, 7), (1, 17, 1, 1), (3, 16, 8, 8), (2, 33, 9, 4), (1, 5, 2, 3),
+          (2, 24, 13, 11), (1, 1, 6, 1)]
+
+
+def reference(x, w, stride, g):
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    y = F.conv2d(x64, w64, None, stride, 1, 1, w.size(0))
+    dx, dw = torch.autograd.grad(y, (x64, w64), g.double())
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_matches_torch(dtype, layout, stride):
+    torch.manual_seed(0)
+    for shape in SHAPES:
+        x = make_input(shape, dtype, "cpu", layout)
+        w = torch.randn(shape[1], 1, 3, 3, dtype=dtype)
+        y = ops.depthwise_conv3x3(x, w, stride)
+        g = torch.randn_like(y)
+        ry, rdx, rdw = reference(x, w, stride, g)
+        rtol, atol = TOL[dtype]
+        torch.testing.assert_close(y.double(), ry, rtol=rtol, atol=atol)
+        dx, dw = ops.depthwise_conv3x3_backward(g, x, w, stride, [True, True])
+        rtol, atol = GRAD_TOL[dtype]
+        torch.testing.assert_close(dx.double(), rdx, rtol=rtol, atol=atol)
+        torch.testing.assert_close(dw.double(), rdw, rtol=rtol, atol=atol)
+        # The output keeps channels_last, as torch's convolution does.
+        assert y.is_contiguous(memory_format=torch.channels_last) == (
+            F.conv2d(x, w, None, stride, 1, 1, shape[1])
+            .is_contiguous(memory_format=torch.channels_last))
+
+
+def test_grad_layouts_and_masks():
+    """A gradient in another layout than the input, and partial masks."""
+    x = make_input((2, 8, 6, 5), torch.float64, "cpu", "channels_last")
+    w = torch.randn(8, 1, 3, 3, dtype=torch.float64)
+    g = torch.randn(2, 8, 6, 5, dtype=torch.float64)  # NCHW
+    _, rdx, rdw = reference(x, w, 1, g)
+    dx, dw = ops.depthwise_conv3x3_backward(g, x, w, 1, [True, False])
+    torch.testing.assert_close(dx, rdx)
+    assert dw.numel() == 0
+    dx, dw = ops.depthwise_conv3x3_backward(g, x, w, 1, [False, True])
+    torch.testing.assert_close(dw, rdw)
+    assert dx.numel() == 0
+
+
+def test_empty_batch():
+    x = torch.randn(0, 4, 5, 5)
+    w = torch.randn(4, 1, 3, 3)
+    y = ops.depthwise_conv3x3(x, w, 2)
+    assert y.shape == (0, 4, 3, 3)
+    dx, dw = ops.depthwise_conv3x3_backward(torch.randn(0, 4, 3, 3), x, w, 2, [True, True])
+    assert dx.shape == x.shape and torch.equal(dw, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("stride,layout", list(itertools.product([1, 2], ["contiguous", "channels_last"])))
+def test_gradcheck(stride, layout):
+    x = make_input((2, 3, 5, 4), torch.float64, "cpu", layout).requires_grad_()
+    w = torch.randn(3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: ops.depthwise_conv3x3(x, w, stride), (x, w))
+    assert torch.autograd.gradgradcheck(lambda x, w: ops.depthwise_conv3x3(x, w, stride), (x, w))
+
+
+def test_opcheck():
+    for layout, stride in itertools.product(LAYOUTS, (1, 2)):
+        for dtype in (torch.float32, torch.float64):
+            x = make_input((2, 5, 7, 6), dtype, "cpu", layout)
+            w = torch.randn(5, 1, 3, 3, dtype=dtype)
+            torch.library.opcheck(ops.depthwise_conv3x3, (x, w, stride))
+            torch.library.opcheck(ops.depthwise_conv3x3,
+                                  (x.clone().requires_grad_(), w.clone().requires_grad_(), stride))
+            g = torch.randn(2, 5, (7 - 1) // stride + 1, (6 - 1) // stride + 1, dtype=dtype)
+            for mask in ([True, True], [True, False], [False, True]):
+                torch.library.opcheck(ops.depthwise_conv3x3_backward, (g, x, w, stride, mask))
+
+
+def test_compile_fullgraph():
+    x = torch.randn(2, 6, 7, 7, requires_grad=True)
+    w = torch.randn(6, 1, 3, 3, requires_grad=True)
+    f = torch.compile(lambda x, w: ops.depthwise_conv3x3(x, w, 2).sum(), fullgraph=True)
+    f(x, w).backward()
+    ref_x, ref_w = (t.detach().clone().requires_grad_() for t in (x, w))
+    F.conv2d(ref_x, ref_w, None, 2, 1, 1, 6).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((torch.randn(2, 3, 4), torch.randn(3, 1, 3, 3), 1), "4-D"),
+    ((torch.randn(2, 3, 4, 4), torch.randn(4, 1, 3, 3), 1), "weight of shape"),
+    ((torch.randn(2, 3, 4, 4), torch.randn(3, 1, 3, 3, dtype=torch.float64), 1), "dtype"),
+    ((torch.randn(2, 3, 4, 4).half(), torch.randn(3, 1, 3, 3).half(), 1), "float32 or float64"),
+    ((torch.randn(2, 3, 4, 4), torch.randn(3, 1, 3, 3), 3), "stride"),
+])
+def test_bad_input(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        ops.depthwise_conv3x3(*args)
