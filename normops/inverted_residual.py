@@ -164,25 +164,43 @@ def _check_values_per_channel(x: Tensor, stages, stride: int) -> None:
                              f"size {torch.Size(size)}")
 
 
+def _uses_normops_depthwise(x: Tensor) -> bool:
+    """The depthwise stage runs normops' kernel (CPU, float32/float64), and
+    then the whole block runs channels_last: ATen's CPU convolutions are
+    several times slower on NCHW."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+def _depthwise(h: Tensor, w: Tensor, stride: int) -> Tensor:
+    if _uses_normops_depthwise(h):
+        return ops.depthwise_conv3x3(h, w, stride)
+    return F.conv2d(h, w, None, stride, 1, 1, w.size(0))
+
+
 def _train_forward(x: Tensor, params, stages, stride: int, residual: bool):
-    """The block in training mode: torch convolutions and the normops
-    batch-norm op (ReLU6 fused into the first two), with the given parameter
-    tensors. Returns the output, the projection's pre-norm output
-    (bottleneck-sized), the three batch norms' batch (mean, var); moves the
-    running statistics once everything has succeeded. With grad enabled it
-    records the graph (the op is differentiable: memory_efficient=False);
+    """The block in training mode: torch's 1x1 convolutions, normops'
+    depthwise convolution and batch-norm op (ReLU6 fused into the first two),
+    with the given parameter tensors, channels_last where normops' depthwise
+    kernel runs (the backward redoes that copy of the input). Returns the
+    output (in x's layout), the projection's pre-norm output
+    (bottleneck-sized) and the three batch norms' batch (mean, var); moves
+    the running statistics once everything has succeeded. With grad enabled
+    it records the graph (the ops are differentiable: memory_efficient=False);
     _RecomputedTrainBlock runs it without."""
     ew, ebw, ebb, dw, dbw, dbb, pw, pbw, pbb = params
-    stats, h = [], x
-    convs = [(ew, ebw, ebb, {}, _RELU6), (dw, dbw, dbb, dict(stride=stride, padding=1,
-                                                            groups=dw.size(0)), _RELU6),
-             (pw, pbw, pbb, {}, 0)]
+    x_run = x
+    if _uses_normops_depthwise(x):
+        x_run = x.contiguous(memory_format=torch.channels_last)
+    stats, h = [], x_run
+    convs = [(ew, ebw, ebb, lambda h, w: F.conv2d(h, w), _RELU6),
+             (dw, dbw, dbb, lambda h, w: _depthwise(h, w, stride), _RELU6),
+             (pw, pbw, pbb, lambda h, w: F.conv2d(h, w), 0)]
     modules = [None if p is None else p[1] for p in stages]
-    for (w, bw, bb, conv_args, act), module in zip(convs, modules):
+    for (w, bw, bb, conv, act), module in zip(convs, modules):
         if w is None:
             stats.append(None)
             continue
-        pre_norm = F.conv2d(h, w, **conv_args)
+        pre_norm = conv(h, w)
         h, mean, var = ops.batch_norm(pre_norm, bw, bb, None, None, True, module.eps, act)
         stats.append((mean, var, h.numel() // h.size(1)))
     for module, stat in zip(modules, stats):
@@ -192,7 +210,10 @@ def _train_forward(x: Tensor, params, stages, stride: int, residual: bool):
         update_running_stats(module.running_mean, module.running_var, *stat, _momentum(module))
         if module.num_batches_tracked is not None:
             module.num_batches_tracked.add_(1)
-    return (h + x if residual else h), pre_norm, [None if st is None else st[:2] for st in stats]
+    out = h + x_run if residual else h
+    if x_run is not x and not x.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous()  # torch's block keeps an NCHW input's layout
+    return out, pre_norm, [None if st is None else st[:2] for st in stats]
 
 
 def _reference_train_forward(x: Tensor, params, eps, stride: int, residual: bool) -> Tensor:
@@ -235,6 +256,8 @@ class _RecomputedTrainBlock(torch.autograd.Function):
                 (x, *params), needs, grad_out)
             return (None, None, None, *grads)
         (m1, v1), (m2, v2), (m3, v3) = zip(flat[0::2], flat[1::2])
+        if _uses_normops_depthwise(x):  # the layout the forward ran in
+            x = x.contiguous(memory_format=torch.channels_last)
         s = ctx.stride
         # The activations, recomputed with the forward's statistics.
         h1 = a1 = None
@@ -242,7 +265,7 @@ class _RecomputedTrainBlock(torch.autograd.Function):
             h1 = F.conv2d(x, ew)
             a1 = ops.batch_norm_elemt(h1, ebw, ebb, m1, v1, ctx.eps[0], _RELU6)
         dw_in = x if ew is None else a1
-        h2 = F.conv2d(dw_in, dw, None, s, 1, groups=dw.size(0))
+        h2 = _depthwise(dw_in, dw, s)
         a2 = ops.batch_norm_elemt(h2, dbw, dbb, m2, v2, ctx.eps[1], _RELU6)
 
         def conv_backward(g, inp, w, stride, padding, groups, need_input, need_weight):
@@ -261,7 +284,11 @@ class _RecomputedTrainBlock(torch.autograd.Function):
         dh2, g_dbw, g_dbb = bn_backward(da2, h2, dbw, dbb, m2, v2, ctx.eps[1], _RELU6,
                                         needs[5], needs[6])
         need_dw_in = needs[0] or ew is not None
-        d_in, g_dw = conv_backward(dh2, dw_in, dw, s, 1, dw.size(0), need_dw_in, needs[4])
+        if _uses_normops_depthwise(dw_in):
+            d_in, g_dw = ops.depthwise_conv3x3_backward(dh2, dw_in, dw, s, [need_dw_in, needs[4]])
+            d_in, g_dw = (d_in if need_dw_in else None), (g_dw if needs[4] else None)
+        else:
+            d_in, g_dw = conv_backward(dh2, dw_in, dw, s, 1, dw.size(0), need_dw_in, needs[4])
         g_ew = g_ebw = g_ebb = None
         dx = d_in
         if ew is not None:
