@@ -13,6 +13,7 @@ from helpers import make_input
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHECK = r"""
+import itertools
 import torch, normops, normops.functional as NF, torch.nn.functional as TF
 torch.manual_seed(0)
 assert normops.cpu_capability() == "{cap}", normops.cpu_capability()
@@ -52,6 +53,18 @@ for dtype in (torch.float32, torch.float64):
             args = (x, *w, s, s == 1 and cin == cout)
             torch.testing.assert_close(torch.ops.normops.inverted_residual(*args),
                                        reference(*args), rtol=1e-4, atol=1e-4)
+# The training depthwise convolution: vector bodies and scalar edges (37
+# channels, 19 columns), both strides and layouts.
+for dtype, s, cl in itertools.product((torch.float32, torch.float64), (1, 2), (False, True)):
+    x = torch.randn(2, 37, 11, 19, dtype=dtype, requires_grad=True)
+    w = torch.randn(37, 1, 3, 3, dtype=dtype, requires_grad=True)
+    xin = x.to(memory_format=torch.channels_last) if cl else x
+    y = torch.ops.normops.depthwise_conv3x3(xin, w, s)
+    yr = TF.conv2d(x, w, None, s, 1, 1, 37)
+    torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-4)
+    gy = torch.randn_like(yr)
+    for a, b in zip(torch.autograd.grad(y, (x, w), gy), torch.autograd.grad(yr, (x, w), gy)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 print("ok")
 """
 

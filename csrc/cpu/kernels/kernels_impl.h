@@ -15,9 +15,6 @@ namespace NORMOPS_CAP {
 constexpr int64_t kBlockElems = 8192;
 
 #define NORMOPS_SIMD _Pragma("omp simd")
-// A loop the vectoriser may reassociate: a sum of short rows of products.
-#define NORMOPS_SIMD_REDUCTION(var) _Pragma(NORMOPS_STR(omp simd reduction(+ : var)))
-#define NORMOPS_STR(x) #x
 
 #define NORMOPS_INLINE inline __attribute__((always_inline))
 
@@ -927,73 +924,193 @@ NORMOPS_INLINE int64_t tap_output_row(int64_t hi, int kh, int64_t Ho, int64_t st
   return t / stride;
 }
 
+// The NCHW rows of one output row: the input rows its taps read (up to 3,
+// fewer at the top and bottom) and their three weights each.
+template <typename A>
+struct PlaneTaps {
+  const A* row[3];
+  const A* w[3];
+  int rows = 0;
+  PlaneTaps(const A* x, int64_t ho, int64_t H, int64_t W, int64_t stride, const A* w9) {
+    for (int kh = 0; kh < 3; ++kh) {
+      const int64_t hi = tap_row(ho, kh, H, stride);
+      if (hi < 0) continue;
+      row[rows] = x + hi * W;
+      w[rows++] = w9 + kh * 3;
+    }
+  }
+};
+
+// Output columns [begin, end) of one row, where every tap lies inside the
+// input row: the nine products summed in a register per column.
+template <typename A, int R, int stride>
+NORMOPS_INLINE void plane_row_interior(const PlaneTaps<A>& t, int64_t begin, int64_t end,
+                                       A* __restrict y) {
+  const A* rp[R];
+  A wk[R][3];
+  for (int r = 0; r < R; ++r) {
+    rp[r] = t.row[r];
+    for (int k = 0; k < 3; ++k) wk[r][k] = t.w[r][k];
+  }
+  NORMOPS_SIMD
+  for (int64_t wo = begin; wo < end; ++wo) {
+    const int64_t c = wo * stride - 1;
+    A acc = 0;
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < 3; ++k) acc += wk[r][k] * rp[r][c + k];
+    y[wo] = acc;
+  }
+}
+
+// The columns of [begin, end) of one output row where a tap may fall
+// outside the input row.
+template <typename A>
+NORMOPS_INLINE void plane_row_border(const PlaneTaps<A>& t, int64_t begin, int64_t end,
+                                     int64_t W, int64_t stride, A* y) {
+  for (int64_t wo = begin; wo < end; ++wo) {
+    A acc = 0;
+    for (int r = 0; r < t.rows; ++r) {
+      for (int k = 0; k < 3; ++k) {
+        const int64_t wi = wo * stride - 1 + k;
+        if (wi >= 0 && wi < W) acc += t.w[r][k] * t.row[r][wi];
+      }
+    }
+    y[wo] = acc;
+  }
+}
+
+// f(std::integral_constant<int, stride>) for stride 1 or 2.
+template <typename F>
+NORMOPS_INLINE void with_stride(int64_t stride, const F& f) {
+  if (stride == 1)
+    f(std::integral_constant<int, 1>{});
+  else
+    f(std::integral_constant<int, 2>{});
+}
+
+// Output columns [1, interior_end(...)) read only columns inside the input.
+NORMOPS_INLINE int64_t interior_end(int64_t W, int64_t Wo, int64_t stride) {
+  const int64_t end = tap_end(2, W, Wo, stride);
+  return end > 1 ? end : 1;
+}
+
 // One NCHW plane: y (Ho x Wo) = conv(x (H x W), w[9]).
 template <typename A>
 void depthwise_plane(const A* x, int64_t H, int64_t W, int64_t stride, const A* w, A* y) {
   const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+  const int64_t end = interior_end(W, Wo, stride);
   for (int64_t ho = 0; ho < Ho; ++ho) {
-    A* __restrict yr = y + ho * Wo;
-    NORMOPS_SIMD
-    for (int64_t wo = 0; wo < Wo; ++wo) yr[wo] = 0;
-    for (int kh = 0; kh < 3; ++kh) {
-      const int64_t hi = tap_row(ho, kh, H, stride);
-      if (hi < 0) continue;
-      const A* __restrict xr = x + hi * W;
-      for (int kw = 0; kw < 3; ++kw) {
-        const A wk = w[kh * 3 + kw];
-        const int64_t end = tap_end(kw, W, Wo, stride);
-        NORMOPS_SIMD
-        for (int64_t wo = tap_begin(kw); wo < end; ++wo) yr[wo] += wk * xr[wo * stride - 1 + kw];
-      }
-    }
+    const PlaneTaps<A> t(x, ho, H, W, stride, w);
+    A* yr = y + ho * Wo;
+    plane_row_border(t, 0, 1, W, stride, yr);
+    plane_row_border(t, end, Wo, W, stride, yr);
+    // Constant strides: the vectoriser handles a runtime one poorly.
+    with_stride(stride, [&](auto S) {
+      if (t.rows == 3) plane_row_interior<A, 3, S>(t, 1, end, yr);
+      if (t.rows == 2) plane_row_interior<A, 2, S>(t, 1, end, yr);
+      if (t.rows == 1) plane_row_interior<A, 1, S>(t, 1, end, yr);
+    });
   }
 }
 
-// One NCHW plane's input gradient: dx (H x W) from dy (Ho x Wo), each input
-// row gathering the output rows that read it.
+// One NCHW plane's input gradient: dx (H x W) from dy (Ho x Wo). With stride
+// 1 it is the convolution of dy with the kernel turned by 180 degrees; with
+// stride 2 even and odd input columns read different taps.
 template <typename A>
 void depthwise_plane_grad_input(const A* dy, int64_t H, int64_t W, int64_t stride, const A* w,
                                 A* dx) {
-  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+  if (stride == 1) {
+    A turned[9];
+    for (int k = 0; k < 9; ++k) turned[k] = w[8 - k];
+    depthwise_plane(dy, H, W, 1, turned, dx);
+    return;
+  }
+  const int64_t Ho = (H - 1) / 2 + 1, Wo = (W - 1) / 2 + 1;
   for (int64_t hi = 0; hi < H; ++hi) {
-    A* __restrict dr = dx + hi * W;
-    NORMOPS_SIMD
-    for (int64_t wi = 0; wi < W; ++wi) dr[wi] = 0;
+    // The output rows reading input row hi: kh = 1 for an even row, 0 and 2
+    // for an odd one.
+    const A* g[2];
+    const A* wr[2];
+    int rows = 0;
     for (int kh = 0; kh < 3; ++kh) {
-      const int64_t ho = tap_output_row(hi, kh, Ho, stride);
+      const int64_t ho = tap_output_row(hi, kh, Ho, 2);
       if (ho < 0) continue;
-      const A* __restrict gr = dy + ho * Wo;
-      for (int kw = 0; kw < 3; ++kw) {
-        const A wk = w[kh * 3 + kw];
-        const int64_t end = tap_end(kw, W, Wo, stride);
-        NORMOPS_SIMD
-        for (int64_t wo = tap_begin(kw); wo < end; ++wo) dr[wo * stride - 1 + kw] += wk * gr[wo];
+      g[rows] = dy + ho * Wo;
+      wr[rows++] = w + kh * 3;
+    }
+    // Column 2j reads output column j at kw = 1; column 2j + 1 reads j + 1
+    // at kw = 0 and j at kw = 2.
+    A* __restrict dr = dx + hi * W;
+    const auto column = [&](int64_t wi) {
+      A acc = 0;
+      for (int r = 0; r < rows; ++r) {
+        for (int kw = 0; kw < 3; ++kw) {
+          const int64_t wo = tap_output_row(wi, kw, Wo, 2);
+          if (wo >= 0) acc += wr[r][kw] * g[r][wo];
+        }
+      }
+      dr[wi] = acc;
+    };
+    // Pairs (2j, 2j + 1) with every tap inside: j + 1 < Wo, 2j + 1 < W.
+    const int64_t pairs = Wo - 1 < (W - 1) / 2 ? Wo - 1 : (W - 1) / 2;
+    if (rows == 2) {
+      const A* g0 = g[0];
+      const A* g1 = g[1];
+      const A a1 = wr[0][1], b1 = wr[1][1], a0 = wr[0][0], b0 = wr[1][0], a2 = wr[0][2],
+              b2 = wr[1][2];
+      NORMOPS_SIMD
+      for (int64_t j = 0; j < pairs; ++j) {
+        dr[2 * j] = a1 * g0[j] + b1 * g1[j];
+        dr[2 * j + 1] = (a0 * g0[j + 1] + a2 * g0[j]) + (b0 * g1[j + 1] + b2 * g1[j]);
+      }
+    } else if (rows == 1) {
+      const A* g0 = g[0];
+      const A a1 = wr[0][1], a0 = wr[0][0], a2 = wr[0][2];
+      NORMOPS_SIMD
+      for (int64_t j = 0; j < pairs; ++j) {
+        dr[2 * j] = a1 * g0[j];
+        dr[2 * j + 1] = a0 * g0[j + 1] + a2 * g0[j];
       }
     }
+    for (int64_t wi = rows > 0 ? 2 * pairs : 0; wi < W; ++wi) column(wi);
   }
 }
 
 // One NCHW plane's weight gradient, added to dw[9]: each tap's sum over the
-// output of dy times the input it read.
+// output of dy times the input it read, per output row and input row the
+// three taps of a row in one pass (in registers), the rows added in double.
 template <typename A>
 void depthwise_plane_grad_weight(const A* dy, const A* x, int64_t H, int64_t W, int64_t stride,
                                  double* dw) {
   const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
-  for (int kh = 0; kh < 3; ++kh) {
-    for (int kw = 0; kw < 3; ++kw) {
-      const int64_t begin = tap_begin(kw), end = tap_end(kw, W, Wo, stride);
-      double sum = 0;
-      for (int64_t ho = 0; ho < Ho; ++ho) {
-        const int64_t hi = tap_row(ho, kh, H, stride);
-        if (hi < 0) continue;
-        const A* __restrict gr = dy + ho * Wo;
-        const A* __restrict xr = x + hi * W;
-        A row = 0;
-        NORMOPS_SIMD_REDUCTION(row)
-        for (int64_t wo = begin; wo < end; ++wo) row += gr[wo] * xr[wo * stride - 1 + kw];
-        sum += row;
-      }
-      dw[kh * 3 + kw] += sum;
+  const int64_t end = interior_end(W, Wo, stride);
+  for (int64_t ho = 0; ho < Ho; ++ho) {
+    const A* __restrict gr = dy + ho * Wo;
+    for (int kh = 0; kh < 3; ++kh) {
+      const int64_t hi = tap_row(ho, kh, H, stride);
+      if (hi < 0) continue;
+      const A* __restrict xr = x + hi * W;
+      A sums[3];
+      with_stride(stride, [&](auto S) {
+        A s0 = 0, s1 = 0, s2 = 0;
+        _Pragma("omp simd reduction(+ : s0, s1, s2)")
+        for (int64_t wo = 1; wo < end; ++wo) {
+          const A* xc = xr + wo * S - 1;
+          s0 += gr[wo] * xc[0];
+          s1 += gr[wo] * xc[1];
+          s2 += gr[wo] * xc[2];
+        }
+        sums[0] = s0, sums[1] = s1, sums[2] = s2;
+      });
+      const auto border = [&](int64_t wo) {
+        for (int k = 0; k < 3; ++k) {
+          const int64_t wi = wo * stride - 1 + k;
+          if (wi >= 0 && wi < W) sums[k] += gr[wo] * xr[wi];
+        }
+      };
+      border(0);
+      for (int64_t wo = end; wo < Wo; ++wo) border(wo);
+      for (int k = 0; k < 3; ++k) dw[kh * 3 + k] += sums[k];
     }
   }
 }
