@@ -1188,27 +1188,57 @@ void depthwise_rows_grad_input(const A* dy, int64_t H, int64_t W, int64_t C, int
 }
 
 // Channels_last image, output rows [ho0, ho1): the weight gradient (9 x C)
-// added to dw, summed per output row in `row` (9 x C scratch).
+// added to dw. A row's sums are kept in `row` (9 x C, in A; rows are added
+// to dw in double). The row is walked in tiles of kTileColumns output
+// columns, whose input pixels stay in L1 while every vector of channels
+// sums its nine taps over the tile in registers: walking the whole row per
+// vector of channels rereads it from L2 each time, and summing each pixel
+// into `row` is bound by the stores.
+constexpr int64_t kTileColumns = 8;
+
 template <typename A>
 void depthwise_rows_grad_weight(const A* dy, const A* x, int64_t H, int64_t W, int64_t C,
                                 int64_t stride, int64_t ho0, int64_t ho1, A* row, double* dw) {
+  using V = vec_t<A>;
+  constexpr int64_t L = kVecLen<A>;
   const int64_t Wo = (W - 1) / stride + 1;
   for (int64_t ho = ho0; ho < ho1; ++ho) {
+    const A* rows[3];  // the input row of each kh, null for padding
+    for (int kh = 0; kh < 3; ++kh) {
+      const int64_t hi = tap_row(ho, kh, H, stride);
+      rows[kh] = hi < 0 ? nullptr : x + hi * W * C;
+    }
+    const A* g = dy + ho * Wo * C;
+    // Adds the products of output columns [wo0, wo1) at channel c to acc
+    // (nine V or A), loading with load.
+    const auto columns = [&](auto* acc, int64_t wo0, int64_t wo1, int64_t c, auto load) {
+      for (int64_t wo = wo0; wo < wo1; ++wo) {
+        const auto gv = load(g + wo * C + c);
+        for (int kh = 0; kh < 3; ++kh) {
+          if (rows[kh] == nullptr) continue;
+          for (int kw = 0; kw < 3; ++kw) {
+            const int64_t wi = wo * stride - 1 + kw;
+            if (wi >= 0 && wi < W) acc[kh * 3 + kw] += gv * load(rows[kh] + wi * C + c);
+          }
+        }
+      }
+    };
     NORMOPS_SIMD
     for (int64_t i = 0; i < 9 * C; ++i) row[i] = 0;
-    for (int64_t wo = 0; wo < Wo; ++wo) {
-      const A* __restrict g = dy + (ho * Wo + wo) * C;
-      for (int kh = 0; kh < 3; ++kh) {
-        const int64_t hi = tap_row(ho, kh, H, stride);
-        if (hi < 0) continue;
-        for (int kw = 0; kw < 3; ++kw) {
-          const int64_t wi = wo * stride - 1 + kw;
-          if (wi < 0 || wi >= W) continue;
-          const A* __restrict xp = x + (hi * W + wi) * C;
-          A* __restrict r = row + (kh * 3 + kw) * C;
-          NORMOPS_SIMD
-          for (int64_t c = 0; c < C; ++c) r[c] += g[c] * xp[c];
-        }
+    for (int64_t wo0 = 0; wo0 < Wo; wo0 += kTileColumns) {
+      const int64_t wo1 = wo0 + kTileColumns < Wo ? wo0 + kTileColumns : Wo;
+      int64_t c = 0;
+      for (; c + L <= C; c += L) {
+        V acc[9];
+        for (int t = 0; t < 9; ++t) acc[t] = vload(row + t * C + c);
+        columns(acc, wo0, wo1, c, [](const A* p) { return vload(p); });
+        for (int t = 0; t < 9; ++t) vstore(row + t * C + c, acc[t]);
+      }
+      for (; c < C; ++c) {
+        A acc[9];
+        for (int t = 0; t < 9; ++t) acc[t] = row[t * C + c];
+        columns(acc, wo0, wo1, c, [](const A* p) { return *p; });
+        for (int t = 0; t < 9; ++t) row[t * C + c] = acc[t];
       }
     }
     NORMOPS_SIMD
