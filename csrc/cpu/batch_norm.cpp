@@ -41,7 +41,7 @@ struct CpuBatchNorm : ChannelDrivers {
       const double* pb = b.data();
       A* pmean = ptr<A>(mean);
       A* pvar = ptr<A>(var);
-      at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, v.C, grain_for(v.N * v.HW), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           // Channel c: N runs of HW elements, C*HW apart.
           const int64_t off = c * v.HW, stride = v.C * v.HW;
@@ -80,7 +80,7 @@ struct CpuBatchNorm : ChannelDrivers {
       const double* pw = ptr<double>(f.weight);
       double* psd = sum_dy.data();
       double* psx = sum_dy_xmu.data();
-      at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, v.C, grain_for(v.N * v.HW), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           const A m = pm[c], s = ps[c], h = ph[c];
           const int64_t off = c * v.HW, stride = v.C * v.HW;

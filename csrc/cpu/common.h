@@ -76,6 +76,13 @@ inline Tensor param_grad_from(const Tensor& input, bool wanted, const OptTensor&
   return from_double(values.data(), {static_cast<int64_t>(values.size())}, opts);
 }
 
+// Units of work per parallel task for units of `elems` elements: at least
+// ATen's grain of 32768 elements, so that a small input runs on the calling
+// thread instead of waking the others (tens of microseconds when they sleep).
+inline int64_t grain_for(int64_t elems) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elems));
+}
+
 // Number of parallel chunks for `total` units of work with at least
 // `min_per_chunk` units each, at most one per thread.
 inline int64_t num_chunks(int64_t total, int64_t min_per_chunk) {

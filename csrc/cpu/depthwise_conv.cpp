@@ -76,14 +76,14 @@ Tensor depthwise_conv3x3(const Tensor& input, const Tensor& weight, int64_t stri
     const A* pw = ptr<const A>(w);
     A* y = ptr<A>(out);
     if (!l.rows) {
-      at::parallel_for(0, l.N * l.C, 1, [&](int64_t p0, int64_t p1) {
+      at::parallel_for(0, l.N * l.C, grain_for(l.H * l.W), [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p)
           k.depthwise_plane(x + p * l.H * l.W, l.H, l.W, stride, pw + (p % l.C) * 9,
                             y + p * l.Ho * l.Wo);
       });
       return;
     }
-    at::parallel_for(0, l.N * l.Ho, 1, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, l.N * l.Ho, grain_for(l.Wo * l.C), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1;) {
         const int64_t n = r / l.Ho, end = std::min(r1, (n + 1) * l.Ho);
         k.depthwise_rows(x + n * l.H * l.W * l.C, l.H, l.W, l.C, stride, pw, r - n * l.Ho,
@@ -110,7 +110,8 @@ std::tuple<Tensor, Tensor> depthwise_conv3x3_backward(const Tensor& grad_out, co
   const Tensor dy = as_layout(grad_out, l);
   Tensor grad_input = output_mask[0] ? empty_as(l, l.H, l.W) : at::empty({0}, input.options());
   // Per-task partial weight gradients, summed in double.
-  const int64_t tasks = num_chunks(l.rows ? l.N * l.Ho : l.N * l.C, 1);
+  const int64_t tasks = l.rows ? num_chunks(l.N * l.Ho, grain_for(l.Wo * l.C))
+                               : num_chunks(l.N * l.C, grain_for(l.Ho * l.Wo));
   std::vector<double> partial(static_cast<size_t>(tasks * l.C * 9), 0.0);
   const bool empty = dy.numel() == 0 || input.numel() == 0;
   AT_DISPATCH_FLOATING_TYPES(l.x.scalar_type(), kOp, [&] {
@@ -124,13 +125,13 @@ std::tuple<Tensor, Tensor> depthwise_conv3x3_backward(const Tensor& grad_out, co
     if (output_mask[0] && !empty) {
       A* d = ptr<A>(grad_input);
       if (!l.rows) {
-        at::parallel_for(0, l.N * l.C, 1, [&](int64_t p0, int64_t p1) {
+        at::parallel_for(0, l.N * l.C, grain_for(l.H * l.W), [&](int64_t p0, int64_t p1) {
           for (int64_t p = p0; p < p1; ++p)
             k.depthwise_plane_grad_input(g + p * l.Ho * l.Wo, l.H, l.W, stride,
                                          pw + (p % l.C) * 9, d + p * l.H * l.W);
         });
       } else {
-        at::parallel_for(0, l.N * l.H, 1, [&](int64_t r0, int64_t r1) {
+        at::parallel_for(0, l.N * l.H, grain_for(l.W * l.C), [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1;) {
             const int64_t n = r / l.H, end = std::min(r1, (n + 1) * l.H);
             k.depthwise_rows_grad_input(g + n * out_image, l.H, l.W, l.C, stride, pw,

@@ -30,7 +30,7 @@ void forward_by_group(const ChannelView& v, int64_t G, const Tensor& out, const 
   const int64_t D = v.C / G;
   const T* x = ptr<const T>(v.x);
   T* y = ptr<T>(out);
-  at::parallel_for(0, v.N * G, 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, v.N * G, grain_for(v.C / G * v.HW), [&](int64_t g0, int64_t g1) {
     for (int64_t ng = g0; ng < g1; ++ng) {
       A gm, gq;
       k.span_moments(x + ng * D * v.HW, D * v.HW, 0, 1, &gm, &gq);
@@ -91,7 +91,7 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
   const T* x = ptr<const T>(v.x);
   const T* g = ptr<const T>(dy);
   T* d = ptr<T>(dx);
-  at::parallel_for(0, v.N * G, 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, v.N * G, grain_for(v.C / G * v.HW), [&](int64_t g0, int64_t g1) {
     for (int64_t ng = g0; ng < g1; ++ng) {
       const A m = A(mean[ng]);
       const double r = rstd[ng];
