@@ -1135,30 +1135,45 @@ NORMOPS_INLINE void depthwise_pixel(const A* const* in, const A* const* wt, int 
   }
 }
 
+// Source index of target index t at tap k (rows or columns, n sources): a
+// convolution reads input t * stride - 1 + k; its transpose (the input
+// gradient) reads the output o with o * stride - 1 + k == t. -1: padding.
+template <bool transposed>
+NORMOPS_INLINE int64_t tap_source(int64_t t, int k, int64_t n, int64_t stride) {
+  return transposed ? tap_output_row(t, k, n, stride) : tap_row(t, k, n, stride);
+}
+
+// Channels_last image: target rows [r0, r1) (Wt pixels each) of the
+// convolution of src (Hs x Ws x C) with wt (9 x C), or of its transpose.
+template <typename A, bool transposed>
+void depthwise_rows_gather(const A* src, int64_t Hs, int64_t Ws, int64_t C, int64_t stride,
+                           const A* wt, int64_t r0, int64_t r1, int64_t Wt, A* out) {
+  const A* in[9];
+  const A* wk[9];
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t c = 0; c < Wt; ++c) {
+      int taps = 0;
+      for (int kh = 0; kh < 3; ++kh) {
+        const int64_t sr = tap_source<transposed>(r, kh, Hs, stride);
+        if (sr < 0) continue;
+        for (int kw = 0; kw < 3; ++kw) {
+          const int64_t sc = tap_source<transposed>(c, kw, Ws, stride);
+          if (sc < 0) continue;
+          in[taps] = src + (sr * Ws + sc) * C;
+          wk[taps++] = wt + (kh * 3 + kw) * C;
+        }
+      }
+      depthwise_pixel(in, wk, taps, C, out + (r * Wt + c) * C);
+    }
+  }
+}
+
 // Channels_last image, output rows [ho0, ho1): y (Ho x Wo x C) = conv(x
 // (H x W x C), wt (9 x C)).
 template <typename A>
 void depthwise_rows(const A* x, int64_t H, int64_t W, int64_t C, int64_t stride, const A* wt,
                     int64_t ho0, int64_t ho1, A* y) {
-  const int64_t Wo = (W - 1) / stride + 1;
-  const A* in[9];
-  const A* wk[9];
-  for (int64_t ho = ho0; ho < ho1; ++ho) {
-    for (int64_t wo = 0; wo < Wo; ++wo) {
-      int taps = 0;
-      for (int kh = 0; kh < 3; ++kh) {
-        const int64_t hi = tap_row(ho, kh, H, stride);
-        if (hi < 0) continue;
-        for (int kw = 0; kw < 3; ++kw) {
-          const int64_t wi = wo * stride - 1 + kw;
-          if (wi < 0 || wi >= W) continue;
-          in[taps] = x + (hi * W + wi) * C;
-          wk[taps++] = wt + (kh * 3 + kw) * C;
-        }
-      }
-      depthwise_pixel(in, wk, taps, C, y + (ho * Wo + wo) * C);
-    }
-  }
+  depthwise_rows_gather<A, false>(x, H, W, C, stride, wt, ho0, ho1, (W - 1) / stride + 1, y);
 }
 
 // Channels_last image, input rows [hi0, hi1) of dx, each pixel gathering the
@@ -1166,25 +1181,8 @@ void depthwise_rows(const A* x, int64_t H, int64_t W, int64_t C, int64_t stride,
 template <typename A>
 void depthwise_rows_grad_input(const A* dy, int64_t H, int64_t W, int64_t C, int64_t stride,
                                const A* wt, int64_t hi0, int64_t hi1, A* dx) {
-  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
-  const A* in[9];
-  const A* wk[9];
-  for (int64_t hi = hi0; hi < hi1; ++hi) {
-    for (int64_t wi = 0; wi < W; ++wi) {
-      int taps = 0;
-      for (int kh = 0; kh < 3; ++kh) {
-        const int64_t ho = tap_output_row(hi, kh, Ho, stride);
-        if (ho < 0) continue;
-        for (int kw = 0; kw < 3; ++kw) {
-          const int64_t wo = tap_output_row(wi, kw, Wo, stride);
-          if (wo < 0) continue;
-          in[taps] = dy + (ho * Wo + wo) * C;
-          wk[taps++] = wt + (kh * 3 + kw) * C;
-        }
-      }
-      depthwise_pixel(in, wk, taps, C, dx + (hi * W + wi) * C);
-    }
-  }
+  depthwise_rows_gather<A, true>(dy, (H - 1) / stride + 1, (W - 1) / stride + 1, C, stride, wt,
+                                 hi0, hi1, W, dx);
 }
 
 // Channels_last image, output rows [ho0, ho1): the weight gradient (9 x C)
