@@ -11,7 +11,9 @@ import normops.functional as NF
 from helpers import (LAYOUTS, assert_close, devices, make_input, needs_bn_bias_arg,
                      step_and_compare)
 
-SHAPES_2D = [(4, 3, 5, 5), (1, 6, 7, 3), (2, 5, 1, 3), (3, 2, 1, 1), (5, 17, 9, 11), (2, 64, 4, 4)]
+# 1100 channels: channels_last reductions in row tiles, with a scalar tail.
+SHAPES_2D = [(4, 3, 5, 5), (1, 6, 7, 3), (2, 5, 1, 3), (3, 2, 1, 1), (5, 17, 9, 11), (2, 64, 4, 4),
+             (2, 1100, 5, 3)]
 
 
 def modules(cls_name, C, dtype=torch.float32, device="cpu", **kw):
@@ -171,7 +173,7 @@ def test_large_mean_variance():
 
 
 @devices
-@pytest.mark.parametrize("C", [4, 576])
+@pytest.mark.parametrize("C", [4, 576, 1100])
 def test_channels_last_variance_with_outlier_rows(device, C):
     """Channels_last statistics are summed in row blocks shifted by a value of
     the block: a far outlier in a block's first row, on a large mean, must not

@@ -340,7 +340,7 @@ void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, acc_t<
 // per channel into arrays instead makes every row wait on the stores of the
 // row before (store-to-load forwarding), which dominates when a row is a few
 // vectors. Wider rows, or periods of more vectors than the registers hold,
-// are summed by channel in memory order.
+// are summed by channel (column_sums).
 constexpr int kMaxPeriodVecs = NORMOPS_VEC_BYTES == 64 ? 8 : 4;
 
 // Vectors in the period of rows of C values, or 0 when over kMaxPeriodVecs.
@@ -402,6 +402,45 @@ NORMOPS_INLINE void period_sums(int64_t elems, const Terms& terms,
   for (int64_t p = 0; o + p < elems; ++p) scalar_terms(o + p, p);
 }
 
+// Per-channel sums over rows [r0, r1) of a rows x C block, added to out[k]
+// (C values each). Row by row, each row rereads and stores every sum and
+// reads the per-channel constants: `arrays` arrays of C values in all. When
+// those outgrow about a third of L1 (10 KB) they compete with the data, and
+// the rows go in tiles of kTileRows instead, each vector of channels keeping
+// its K sums in registers over the tile; narrower rows are faster in memory
+// order. The bound is measured (32 x C x H x W channels_last, 2 threads,
+// float32): with tiles the statistics (3 arrays) of 960 and 2048 channels
+// ran 1.1-1.3x and 1.4-1.9x faster, the gradient sums (5 arrays) of 2048
+// channels 1.1-1.4x, while 256 channels and the gradient sums of 512 ran
+// 5-15% slower. Rows are added in order either way. vterms(r, c, acc) adds row r's terms at channels
+// [c, c + L); sterms(r, c, acc) at channel c.
+constexpr int64_t kTileRows = 8;
+constexpr int64_t kTileMinBytes = 10 * 1024;
+
+template <typename A, int K, typename VTerms, typename STerms>
+NORMOPS_INLINE void column_sums(int64_t r0, int64_t r1, int64_t C, int arrays, A* const* out,
+                                const VTerms& vterms, const STerms& sterms) {
+  using V = vec_t<A>;
+  constexpr int64_t L = kVecLen<A>;
+  const int64_t tile = arrays * C * int64_t(sizeof(A)) > kTileMinBytes ? kTileRows : 1;
+  for (int64_t t0 = r0; t0 < r1; t0 += tile) {
+    const int64_t t1 = t0 + tile < r1 ? t0 + tile : r1;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      V acc[K];
+      for (int k = 0; k < K; ++k) acc[k] = vload(out[k] + c);
+      for (int64_t r = t0; r < t1; ++r) vterms(r, c, acc);
+      for (int k = 0; k < K; ++k) vstore(out[k] + c, acc[k]);
+    }
+    for (; c < C; ++c) {
+      A acc[K];
+      for (int k = 0; k < K; ++k) acc[k] = out[k][c];
+      for (int64_t r = t0; r < t1; ++r) sterms(r, c, acc);
+      for (int k = 0; k < K; ++k) out[k][c] = acc[k];
+    }
+  }
+}
+
 // Shifted sums per lane: s[p] = sum(d), q[p] = sum(d^2), d = x - shift[p].
 template <typename T, int NV>
 NORMOPS_INLINE void period_moment_sums(const T* x, int64_t elems, const acc_t<T>* shift,
@@ -461,15 +500,19 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
       NORMOPS_SIMD
       for (int64_t c = 0; c < C; ++c) s[c] = q[c] = 0;
       // Row 0 is the shift itself (d = 0).
-      for (int64_t r = 1; r < n; ++r) {
-        const T* __restrict xr = xb + r * C;
-        NORMOPS_SIMD
-        for (int64_t c = 0; c < C; ++c) {
-          const A d = load(xr[c]) - sh[c];
-          s[c] += d;
-          q[c] += d * d;
-        }
-      }
+      A* const sums[2] = {s, q};
+      column_sums<A, 2>(
+          1, n, C, /*arrays: s, q, shift*/ 3, sums,
+          [&](int64_t r, int64_t c, vec_t<A>* acc) {
+            const vec_t<A> d = vload_widened(xb + r * C + c) - vload(sh + c);
+            acc[0] += d;
+            acc[1] += d * d;
+          },
+          [&](int64_t r, int64_t c, A* acc) {
+            const A d = load(xb[r * C + c]) - sh[c];
+            acc[0] += d;
+            acc[1] += d * d;
+          });
     }
     const A inv = A(1) / A(n);
     if (count == 0) {
@@ -668,17 +711,22 @@ void row_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, int64_t blo
     }
     NORMOPS_SIMD
     for (int64_t c = 0; c < C; ++c) bd[c] = bx[c] = 0;
-    for (int64_t r = b0; r < b0 + n; ++r) {
-      const T* __restrict xr = x + r * C;
-      const T* __restrict gr = dy + r * C;
-      NORMOPS_SIMD
-      for (int64_t c = 0; c < C; ++c) {
-        const A xv = load(xr[c]);
-        const A g = activation_grad<act>(as_stored<T>((xv - m[c]) * s[c] + h[c]), A(load(gr[c])));
-        bd[c] += g;
-        bx[c] += g * (xv - m[c]);
-      }
-    }
+    A* const sums[2] = {bd, bx};
+    column_sums<A, 2>(
+        b0, b0 + n, C, /*arrays: 2 sums, mean, scale, bias*/ 5, sums,
+        [&](int64_t r, int64_t c, vec_t<A>* acc) {
+          const vec_t<A> xm = vload_widened(x + r * C + c) - vload(m + c);
+          const vec_t<A> g = vactivation_grad<act, A>(
+              vas_stored<T>(xm * vload(s + c) + vload(h + c)), vload_widened(dy + r * C + c));
+          acc[0] += g;
+          acc[1] += g * xm;
+        },
+        [&](int64_t r, int64_t c, A* acc) {
+          const A xm = load(x[r * C + c]) - m[c];
+          const A g = activation_grad<act>(as_stored<T>(xm * s[c] + h[c]), A(load(dy[r * C + c])));
+          acc[0] += g;
+          acc[1] += g * xm;
+        });
     NORMOPS_SIMD
     for (int64_t c = 0; c < C; ++c) {
       od[c] += bd[c];
