@@ -129,6 +129,16 @@ NORMOPS_INLINE auto lane_sum(V v) {
     return lane_sum<L / 2>(halves_added(v, std::make_index_sequence<L / 2>{}));
 }
 
+// The vector, or the value, at p: the type the second argument points to.
+template <typename A>
+NORMOPS_INLINE vec_t<A> load_as(const A* p, const vec_t<A>*) {
+  return vload(p);
+}
+template <typename A>
+NORMOPS_INLINE A load_as(const A* p, const A*) {
+  return *p;
+}
+
 // A vector of T values, widened to the accumulation type.
 template <typename T>
 NORMOPS_INLINE vec_t<acc_t<T>> vload_widened(const T* p) {
@@ -1256,15 +1266,15 @@ void depthwise_rows_grad_weight(const A* dy, const A* x, int64_t H, int64_t W, i
     }
     const A* g = dy + ho * Wo * C;
     // Adds the products of output columns [wo0, wo1) at channel c to acc
-    // (nine V or A), loading with load.
-    const auto columns = [&](auto* acc, int64_t wo0, int64_t wo1, int64_t c, auto load) {
+    // (nine V, or nine A for one channel).
+    const auto columns = [&](auto* acc, int64_t wo0, int64_t wo1, int64_t c) {
       for (int64_t wo = wo0; wo < wo1; ++wo) {
-        const auto gv = load(g + wo * C + c);
+        const auto gv = load_as(g + wo * C + c, acc);
         for (int kh = 0; kh < 3; ++kh) {
           if (rows[kh] == nullptr) continue;
           for (int kw = 0; kw < 3; ++kw) {
             const int64_t wi = wo * stride - 1 + kw;
-            if (wi >= 0 && wi < W) acc[kh * 3 + kw] += gv * load(rows[kh] + wi * C + c);
+            if (wi >= 0 && wi < W) acc[kh * 3 + kw] += gv * load_as(rows[kh] + wi * C + c, acc);
           }
         }
       }
@@ -1277,13 +1287,13 @@ void depthwise_rows_grad_weight(const A* dy, const A* x, int64_t H, int64_t W, i
       for (; c + L <= C; c += L) {
         V acc[9];
         for (int t = 0; t < 9; ++t) acc[t] = vload(row + t * C + c);
-        columns(acc, wo0, wo1, c, [](const A* p) { return vload(p); });
+        columns(acc, wo0, wo1, c);
         for (int t = 0; t < 9; ++t) vstore(row + t * C + c, acc[t]);
       }
       for (; c < C; ++c) {
         A acc[9];
         for (int t = 0; t < 9; ++t) acc[t] = row[t * C + c];
-        columns(acc, wo0, wo1, c, [](const A* p) { return *p; });
+        columns(acc, wo0, wo1, c);
         for (int t = 0; t < 9; ++t) row[t * C + c] = acc[t];
       }
     }
