@@ -79,14 +79,15 @@ def test_gradcheck(stride, layout):
 
 
 def test_opcheck():
-    for layout, stride in itertools.product(LAYOUTS, (1, 2)):
+    # (1, 1) spatial: both layouts are one memory, and the output is contiguous.
+    for layout, stride, (H, W) in itertools.product(LAYOUTS, (1, 2), ((7, 6), (1, 1))):
         for dtype in (torch.float32, torch.float64):
-            x = make_input((2, 5, 7, 6), dtype, "cpu", layout)
+            x = make_input((2, 5, H, W), dtype, "cpu", layout)
             w = torch.randn(5, 1, 3, 3, dtype=dtype)
             torch.library.opcheck(ops.depthwise_conv3x3, (x, w, stride))
             torch.library.opcheck(ops.depthwise_conv3x3,
                                   (x.clone().requires_grad_(), w.clone().requires_grad_(), stride))
-            g = torch.randn(2, 5, (7 - 1) // stride + 1, (6 - 1) // stride + 1, dtype=dtype)
+            g = torch.randn(2, 5, (H - 1) // stride + 1, (W - 1) // stride + 1, dtype=dtype)
             for mask in ([True, True], [True, False], [False, True]):
                 torch.library.opcheck(ops.depthwise_conv3x3_backward, (g, x, w, stride, mask))
 

@@ -29,38 +29,33 @@ void check_depthwise(const Tensor& input, const Tensor& weight, int64_t stride) 
   TORCH_CHECK(stride == 1 || stride == 2, kOp, ": stride must be 1 or 2, but got ", stride);
 }
 
-// The input as it is walked: NCHW planes, or channels_last rows.
+// The input as the channel norms walk it (csrc/channel_view.h: NCHW planes,
+// or channels_last rows), with its spatial sizes and the output's.
 struct Layout {
-  Tensor x;
-  bool rows;
-  int64_t N, C, H, W, Ho, Wo;
+  ChannelView v;
+  int64_t H, W, Ho, Wo;
 };
 
 Layout layout_of(const Tensor& input, int64_t stride) {
-  Layout l;
-  l.N = input.size(0), l.C = input.size(1), l.H = input.size(2), l.W = input.size(3);
-  l.Ho = (l.H - 1) / stride + 1, l.Wo = (l.W - 1) / stride + 1;
-  const bool cl = !input.is_contiguous() &&
-                  input.is_contiguous(at::MemoryFormat::ChannelsLast);
-  l.rows = cl;
-  l.x = cl || input.is_contiguous() ? input : input.contiguous();
-  return l;
+  const int64_t H = input.size(2), W = input.size(3);
+  return {channel_view(input), H, W, (H - 1) / stride + 1, (W - 1) / stride + 1};
+}
+
+// The memory format of the output and the gradients, in which the kernels
+// walk them as they walk the input. One spatial element is the same memory
+// either way: contiguous then, as torch's convolution returns it.
+at::MemoryFormat format_of(const Layout& l) {
+  return l.v.rows && l.v.HW > 1 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 Tensor empty_as(const Layout& l, int64_t H, int64_t W) {
-  return at::empty({l.N, l.C, H, W}, l.x.options(),
-                   l.rows ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-}
-
-// Tensor t in l's layout (gradients arrive in any).
-Tensor as_layout(const Tensor& t, const Layout& l) {
-  return t.contiguous(l.rows ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  return at::empty({l.v.N, l.v.C, H, W}, l.v.x.options(), format_of(l));
 }
 
 // Weights as the kernels read them: [C][9] for planes, [9][C] for rows.
 Tensor weight_for(const Tensor& weight, const Layout& l) {
-  Tensor w = weight.reshape({l.C, 9});
-  return (l.rows ? w.t() : w).contiguous();
+  Tensor w = weight.reshape({l.v.C, 9});
+  return (l.v.rows ? w.t() : w).contiguous();
 }
 
 Tensor depthwise_conv3x3(const Tensor& input, const Tensor& weight, int64_t stride) {
@@ -69,25 +64,25 @@ Tensor depthwise_conv3x3(const Tensor& input, const Tensor& weight, int64_t stri
   Tensor out = empty_as(l, l.Ho, l.Wo);
   if (out.numel() == 0) return out;
   const Tensor w = weight_for(weight, l);
-  AT_DISPATCH_FLOATING_TYPES(l.x.scalar_type(), kOp, [&] {
+  AT_DISPATCH_FLOATING_TYPES(l.v.x.scalar_type(), kOp, [&] {
     using A = scalar_t;
     const auto& k = kernels<A>();
-    const A* x = ptr<const A>(l.x);
+    const A* x = ptr<const A>(l.v.x);
     const A* pw = ptr<const A>(w);
     A* y = ptr<A>(out);
-    if (!l.rows) {
-      at::parallel_for(0, l.N * l.C, grain_for(l.H * l.W), [&](int64_t p0, int64_t p1) {
+    if (!l.v.rows) {
+      at::parallel_for(0, l.v.N * l.v.C, grain_for(l.H * l.W), [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p)
-          k.depthwise_plane(x + p * l.H * l.W, l.H, l.W, stride, pw + (p % l.C) * 9,
+          k.depthwise_plane(x + p * l.H * l.W, l.H, l.W, stride, pw + (p % l.v.C) * 9,
                             y + p * l.Ho * l.Wo);
       });
       return;
     }
-    at::parallel_for(0, l.N * l.Ho, grain_for(l.Wo * l.C), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, l.v.N * l.Ho, grain_for(l.Wo * l.v.C), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1;) {
         const int64_t n = r / l.Ho, end = std::min(r1, (n + 1) * l.Ho);
-        k.depthwise_rows(x + n * l.H * l.W * l.C, l.H, l.W, l.C, stride, pw, r - n * l.Ho,
-                         end - n * l.Ho, y + n * l.Ho * l.Wo * l.C);
+        k.depthwise_rows(x + n * l.H * l.W * l.v.C, l.H, l.W, l.v.C, stride, pw, r - n * l.Ho,
+                         end - n * l.Ho, y + n * l.Ho * l.Wo * l.v.C);
         r = end;
       }
     });
@@ -101,40 +96,40 @@ std::tuple<Tensor, Tensor> depthwise_conv3x3_backward(const Tensor& grad_out, co
   check_depthwise(input, weight, stride);
   const Layout l = layout_of(input, stride);
   check_same_device(input, grad_out, kOp, "grad_output");
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({l.N, l.C, l.Ho, l.Wo}), kOp,
-              ": expected grad_output of shape ", at::IntArrayRef({l.N, l.C, l.Ho, l.Wo}),
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({l.v.N, l.v.C, l.Ho, l.Wo}), kOp,
+              ": expected grad_output of shape ", at::IntArrayRef({l.v.N, l.v.C, l.Ho, l.Wo}),
               ", but got ", grad_out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), kOp,
               ": expected grad_output to have the input's dtype ", input.scalar_type(),
               ", but got ", grad_out.scalar_type());
-  const Tensor dy = as_layout(grad_out, l);
+  const Tensor dy = grad_out.contiguous(format_of(l));  // gradients arrive in any layout
   Tensor grad_input = output_mask[0] ? empty_as(l, l.H, l.W) : at::empty({0}, input.options());
   // Per-task partial weight gradients, summed in double.
-  const int64_t tasks = l.rows ? num_chunks(l.N * l.Ho, grain_for(l.Wo * l.C))
-                               : num_chunks(l.N * l.C, grain_for(l.Ho * l.Wo));
-  std::vector<double> partial(static_cast<size_t>(tasks * l.C * 9), 0.0);
+  const int64_t tasks = l.v.rows ? num_chunks(l.v.N * l.Ho, grain_for(l.Wo * l.v.C))
+                               : num_chunks(l.v.N * l.v.C, grain_for(l.Ho * l.Wo));
+  std::vector<double> partial(static_cast<size_t>(tasks * l.v.C * 9), 0.0);
   const bool empty = dy.numel() == 0 || input.numel() == 0;
-  AT_DISPATCH_FLOATING_TYPES(l.x.scalar_type(), kOp, [&] {
+  AT_DISPATCH_FLOATING_TYPES(l.v.x.scalar_type(), kOp, [&] {
     using A = scalar_t;
     const auto& k = kernels<A>();
-    const A* x = ptr<const A>(l.x);
+    const A* x = ptr<const A>(l.v.x);
     const A* g = ptr<const A>(dy);
     const Tensor w = weight_for(weight, l);
     const A* pw = ptr<const A>(w);
-    const int64_t in_image = l.H * l.W * l.C, out_image = l.Ho * l.Wo * l.C;
+    const int64_t in_image = l.H * l.W * l.v.C, out_image = l.Ho * l.Wo * l.v.C;
     if (output_mask[0] && !empty) {
       A* d = ptr<A>(grad_input);
-      if (!l.rows) {
-        at::parallel_for(0, l.N * l.C, grain_for(l.H * l.W), [&](int64_t p0, int64_t p1) {
+      if (!l.v.rows) {
+        at::parallel_for(0, l.v.N * l.v.C, grain_for(l.H * l.W), [&](int64_t p0, int64_t p1) {
           for (int64_t p = p0; p < p1; ++p)
             k.depthwise_plane_grad_input(g + p * l.Ho * l.Wo, l.H, l.W, stride,
-                                         pw + (p % l.C) * 9, d + p * l.H * l.W);
+                                         pw + (p % l.v.C) * 9, d + p * l.H * l.W);
         });
       } else {
-        at::parallel_for(0, l.N * l.H, grain_for(l.W * l.C), [&](int64_t r0, int64_t r1) {
+        at::parallel_for(0, l.v.N * l.H, grain_for(l.W * l.v.C), [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1;) {
             const int64_t n = r / l.H, end = std::min(r1, (n + 1) * l.H);
-            k.depthwise_rows_grad_input(g + n * out_image, l.H, l.W, l.C, stride, pw,
+            k.depthwise_rows_grad_input(g + n * out_image, l.H, l.W, l.v.C, stride, pw,
                                         r - n * l.H, end - n * l.H, d + n * in_image);
             r = end;
           }
@@ -142,22 +137,22 @@ std::tuple<Tensor, Tensor> depthwise_conv3x3_backward(const Tensor& grad_out, co
       }
     }
     if (!output_mask[1] || empty) return;
-    if (!l.rows) {
-      for_each_chunk(l.N * l.C, tasks, [&](int64_t t, int64_t p0, int64_t p1) {
-        double* dw = partial.data() + t * l.C * 9;
+    if (!l.v.rows) {
+      for_each_chunk(l.v.N * l.v.C, tasks, [&](int64_t t, int64_t p0, int64_t p1) {
+        double* dw = partial.data() + t * l.v.C * 9;
         for (int64_t p = p0; p < p1; ++p)
           k.depthwise_plane_grad_weight(g + p * l.Ho * l.Wo, x + p * l.H * l.W, l.H, l.W, stride,
-                                        dw + (p % l.C) * 9);
+                                        dw + (p % l.v.C) * 9);
       });
       return;
     }
-    for_each_chunk(l.N * l.Ho, tasks, [&](int64_t t, int64_t r0, int64_t r1) {
-      std::vector<A> row(static_cast<size_t>(9 * l.C));
+    for_each_chunk(l.v.N * l.Ho, tasks, [&](int64_t t, int64_t r0, int64_t r1) {
+      std::vector<A> row(static_cast<size_t>(9 * l.v.C));
       for (int64_t r = r0; r < r1;) {
         const int64_t n = r / l.Ho, end = std::min(r1, (n + 1) * l.Ho);
-        k.depthwise_rows_grad_weight(g + n * out_image, x + n * in_image, l.H, l.W, l.C, stride,
+        k.depthwise_rows_grad_weight(g + n * out_image, x + n * in_image, l.H, l.W, l.v.C, stride,
                                      r - n * l.Ho, end - n * l.Ho, row.data(),
-                                     partial.data() + t * l.C * 9);
+                                     partial.data() + t * l.v.C * 9);
         r = end;
       }
     });
@@ -165,12 +160,12 @@ std::tuple<Tensor, Tensor> depthwise_conv3x3_backward(const Tensor& grad_out, co
   Tensor grad_weight = at::empty({0}, weight.options());
   if (output_mask[1]) {
     // Sum the tasks; rows' partials are [9][C], planes' [C][9].
-    std::vector<double> total(static_cast<size_t>(l.C * 9), 0.0);
+    std::vector<double> total(static_cast<size_t>(l.v.C * 9), 0.0);
     for (int64_t t = 0; t < tasks; ++t)
-      for (int64_t c = 0; c < l.C; ++c)
+      for (int64_t c = 0; c < l.v.C; ++c)
         for (int64_t i = 0; i < 9; ++i)
-          total[c * 9 + i] += partial[t * l.C * 9 + (l.rows ? i * l.C + c : c * 9 + i)];
-    grad_weight = from_double(total.data(), {l.C, 1, 3, 3}, weight.options());
+          total[c * 9 + i] += partial[t * l.v.C * 9 + (l.v.rows ? i * l.v.C + c : c * 9 + i)];
+    grad_weight = from_double(total.data(), {l.v.C, 1, 3, 3}, weight.options());
   }
   return {grad_input, grad_weight};
 }
