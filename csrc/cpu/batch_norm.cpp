@@ -46,7 +46,7 @@ struct CpuBatchNorm : ChannelDrivers {
           // Channel c: N runs of HW elements, C*HW apart.
           const int64_t off = c * v.HW, stride = v.C * v.HW;
           A mu, q;
-          k.span_moments(x + off, v.HW, stride, v.N, &mu, &q);
+          k.span_moments(x + off, v.HW, stride, v.N, c + 1 < c1 ? x + off + v.HW : nullptr, &mu, &q);
           const A var_c = q / A(v.N * v.HW);
           const A scale = A(pw[c] / std::sqrt(double(var_c) + eps));
           k.span_affine[act](x + off, y + off, v.HW, stride, v.N, mu, scale, A(pb[c]));

@@ -53,7 +53,8 @@ std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample)
     A* plane_m2 = ptr<A>(pq);
     at::parallel_for(0, v.N * v.C, grain, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p)
-        k.span_moments(x + p * v.HW, v.HW, 0, 1, plane_mean + p, plane_m2 + p);
+        k.span_moments(x + p * v.HW, v.HW, 0, 1, p + 1 < p1 ? x + (p + 1) * v.HW : nullptr,
+                       plane_mean + p, plane_m2 + p);
     });
     if (!per_sample) {
       A* om = ptr<A>(mean);

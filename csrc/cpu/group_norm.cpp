@@ -33,7 +33,8 @@ void forward_by_group(const ChannelView& v, int64_t G, const Tensor& out, const 
   at::parallel_for(0, v.N * G, grain_for(v.C / G * v.HW), [&](int64_t g0, int64_t g1) {
     for (int64_t ng = g0; ng < g1; ++ng) {
       A gm, gq;
-      k.span_moments(x + ng * D * v.HW, D * v.HW, 0, 1, &gm, &gq);
+      k.span_moments(x + ng * D * v.HW, D * v.HW, 0, 1, ng + 1 < g1 ? x + (ng + 1) * D * v.HW : nullptr,
+                     &gm, &gq);
       const double r = 1.0 / std::sqrt(double(gq) / double(D * v.HW) + eps);
       for (int64_t d = 0; d < D; ++d) {
         const int64_t c = (ng % G) * D + d, p = ng * D + d;

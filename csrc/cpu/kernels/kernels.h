@@ -49,8 +49,10 @@ template <typename T>
 struct Kernels {
   using A = acc_t<T>;
 
-  // Moments of all the elements of a span set, blocked two-pass.
-  void (*span_moments)(const T* x, int64_t len, int64_t stride, int64_t count, A* mean, A* m2);
+  // Moments of all the elements of a span set, blocked two-pass; prefetches
+  // the start of `next`, a span of the same shape (or nullptr).
+  void (*span_moments)(const T* x, int64_t len, int64_t stride, int64_t count, const T* next,
+                       A* mean, A* m2);
   // Moments of each column of a rows x C block (mean[c], m2[c]): one pass
   // over blocks of block_rows rows, each shifted by its first row, Chan-merged.
   // scratch: 3*C.

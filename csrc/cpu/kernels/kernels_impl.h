@@ -304,22 +304,28 @@ NORMOPS_INLINE void widen_runs(const T* x, int64_t len, int64_t stride, int64_t 
 // Spans: `count` runs of `len` contiguous elements, run j at x + j * stride
 // (an NCHW channel across the batch, a group, or one plane). Long runs are
 // cut into blocks, short ones gathered into blocks, so every block is
-// reduced in cache and the blocks are Chan-merged.
+// reduced in cache and the blocks are Chan-merged. `next` (or nullptr) is the
+// span the caller reduces next, of the same shape: its first block is
+// prefetched while the last block here is reduced from cache, as each block
+// prefetches the one that follows it.
 template <typename T>
-void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, acc_t<T>* mean,
-                  acc_t<T>* m2) {
+void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, const T* next,
+                  acc_t<T>* mean, acc_t<T>* m2) {
   using A = acc_t<T>;
   A n = 0, mu = 0, q = 0, bm, bq;
   if (len >= kBlockElems) {
     for (int64_t j = 0; j < count; ++j) {
       for (int64_t b0 = 0; b0 < len; b0 += kBlockElems) {
         const int64_t l = len - b0 < kBlockElems ? len - b0 : kBlockElems;
-        // The next block: the rest of this run, or the start of the next one.
+        // The next block: the rest of this run, the start of the next run,
+        // or the start of the next span.
         const bool same_run = b0 + l < len, next_run = j + 1 < count;
-        const T* next = same_run ? x + j * stride + b0 + l : next_run ? x + (j + 1) * stride : x;
-        const int64_t next_len = same_run ? len - b0 - l : len;
-        block_moments(x + j * stride + b0, l, stride, 1, next, next_len,
-                      same_run || next_run ? 1 : 0, bm, bq);
+        const T* following = same_run   ? x + j * stride + b0 + l
+                             : next_run ? x + (j + 1) * stride
+                                        : next;
+        const int64_t following_len = same_run ? len - b0 - l : len;
+        block_moments(x + j * stride + b0, l, stride, 1, following ? following : x, following_len,
+                      following ? 1 : 0, bm, bq);
         chan_merge(n, mu, q, A(l), bm, bq);
       }
     }
@@ -332,10 +338,12 @@ void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, acc_t<
         widen_runs(x + j0 * stride, len, stride, runs, wide);
         block_moments<A>(wide, len * runs, 0, 1, wide, 0, 0, bm, bq);
       } else {
-        // The next block's runs, as many as there are.
-        const int64_t next_runs = count - j0 - runs < per_block ? count - j0 - runs : per_block;
-        block_moments(x + j0 * stride, len, stride, runs,
-                      next_runs > 0 ? x + (j0 + runs) * stride : x, len, next_runs, bm, bq);
+        // The next block's runs, from this span or the next one.
+        const int64_t rest = count - j0 - runs;
+        const T* following = rest > 0 ? x + (j0 + runs) * stride : next;
+        const int64_t available = rest > 0 ? rest : next ? count : 0;
+        block_moments(x + j0 * stride, len, stride, runs, following ? following : x, len,
+                      available < per_block ? available : per_block, bm, bq);
       }
       chan_merge(n, mu, q, A(len * runs), bm, bq);
     }
@@ -790,7 +798,7 @@ void layer_norm_rows(const T* x, T* y, int64_t rows, int64_t D, const acc_t<T>* 
     const T* __restrict xr = x + r * D;
     T* __restrict yr = y + r * D;
     A mu, m2;
-    span_moments(xr, D, 0, 1, &mu, &m2);
+    span_moments(xr, D, 0, 1, r + 1 < rows ? xr + D : nullptr, &mu, &m2);
     const A rs = inv_std(m2 / A(D), eps);
     mean[r] = mu;
     rstd[r] = rs;
