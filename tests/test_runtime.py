@@ -69,6 +69,65 @@ print("ok")
 """
 
 
+# Every op that writes through write_output (csrc/cpu/common.h), forward and
+# backward, with runs, rows and pieces of many sizes and alignments. Run with
+# NORMOPS_STREAMING_STORES=1 (every output through the buffer and
+# non-temporal stores) and =0 (plain stores): the results must be identical.
+STREAMING_CHECK = r"""
+import sys
+import torch, normops.functional as NF
+torch.manual_seed(0)
+torch.set_num_threads(2)
+out = []
+def run(f, x, *params):
+    x = x.detach().requires_grad_()
+    y = f(x, *params)
+    gy = torch.randn_like(y)
+    out.append(y)
+    out.extend(torch.autograd.grad(y, (x, *params), gy))
+def param(C, dtype=torch.float32):
+    return torch.randn(C, dtype=dtype).requires_grad_()
+def cl(x):
+    return x.contiguous(memory_format=torch.channels_last)
+for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+    for shape in ((4, 6, 17, 19), (4, 1, 17, 19), (2, 37, 9, 11), (2, 5000, 1, 3)):
+        for layout in (lambda t: t, cl):
+            x = layout(torch.randn(shape).to(dtype))
+            for act in (None, "relu6"):
+                run(lambda t, w, b: NF.batch_norm(t, None, None, w, b, True, activation=act),
+                    x, param(shape[1], pd), param(shape[1], pd))
+    for shape, G in (((2, 12, 9, 11), 4), ((1, 4, 70, 70), 2), ((1, 6, 30, 30), 1)):
+        for layout in (lambda t: t, cl):
+            x = layout(torch.randn(shape).to(dtype))
+            run(lambda t, w, b: NF.group_norm(t, G, w, b), x, param(shape[1], dtype),
+                param(shape[1], dtype))
+            run(lambda t: NF.instance_norm(t), x)
+    for shape in ((37, 5000), (300, 130), (3, 17001)):
+        x = torch.randn(shape).to(dtype)
+        run(lambda t, w, b: NF.layer_norm(t, shape[1:], w, b), x, param(shape[1], dtype),
+            param(shape[1], dtype))
+        run(lambda t: NF.layer_norm(t, shape[1:]), x)
+torch.save(out, sys.argv[1])
+print("ok")
+"""
+
+
+def test_streamed_outputs_equal_plain_stores(tmp_path):
+    results = []
+    for mode in ("1", "0"):
+        path = tmp_path / f"streaming{mode}.pt"
+        env = dict(os.environ, NORMOPS_STREAMING_STORES=mode, PYTHONPATH=ROOT)
+        r = subprocess.run([sys.executable, "-c", STREAMING_CHECK, str(path)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+        results.append(torch.load(path))
+    assert len(results[0]) == len(results[1]) > 100
+    for i, (a, b) in enumerate(zip(*results)):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), i
+        assert torch.equal(a, b), f"result {i} differs"
+
+
 def available_capabilities():
     best = normops.cpu_capability()
     order = ["default", "avx2", "avx512"]

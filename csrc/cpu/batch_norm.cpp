@@ -41,7 +41,9 @@ struct CpuBatchNorm : ChannelDrivers {
       const double* pb = b.data();
       A* pmean = ptr<A>(mean);
       A* pvar = ptr<A>(var);
+      const bool stream = stream_output(v.x.numel() * int64_t(sizeof(T)));
       at::parallel_for(0, v.C, grain_for(v.N * v.HW), [&](int64_t c0, int64_t c1) {
+        const StreamFence fence{stream};
         for (int64_t c = c0; c < c1; ++c) {
           // Channel c: N runs of HW elements, C*HW apart.
           const int64_t off = c * v.HW, stride = v.C * v.HW;
@@ -49,7 +51,9 @@ struct CpuBatchNorm : ChannelDrivers {
           k.span_moments(x + off, v.HW, stride, v.N, c + 1 < c1 ? x + off + v.HW : nullptr, &mu, &q);
           const A var_c = q / A(v.N * v.HW);
           const A scale = A(pw[c] / std::sqrt(double(var_c) + eps));
-          k.span_affine[act](x + off, y + off, v.HW, stride, v.N, mu, scale, A(pb[c]));
+          write_output(k, stream, y + off, v.HW, stride, v.N, 1, [&](T* dst, int64_t o, int64_t n) {
+            k.span_affine[act](x + off + o, dst, n, 0, 1, mu, scale, A(pb[c]));
+          });
           pmean[c] = mu;
           pvar[c] = var_c;
         }
@@ -80,7 +84,9 @@ struct CpuBatchNorm : ChannelDrivers {
       const double* pw = ptr<double>(f.weight);
       double* psd = sum_dy.data();
       double* psx = sum_dy_xmu.data();
+      const bool stream = stream_output(v.x.numel() * int64_t(sizeof(T)));
       at::parallel_for(0, v.C, grain_for(v.N * v.HW), [&](int64_t c0, int64_t c1) {
+        const StreamFence fence{stream};
         for (int64_t c = c0; c < c1; ++c) {
           const A m = pm[c], s = ps[c], h = ph[c];
           const int64_t off = c * v.HW, stride = v.C * v.HW;
@@ -89,8 +95,10 @@ struct CpuBatchNorm : ChannelDrivers {
           psd[c] = sd;
           psx[c] = sx;
           const double inv = pinv[c], a = inv * pw[c];
-          k.span_grad_input[act](g + off, x + off, d + off, v.HW, stride, v.N, A(a),
-                                 A(-a * inv * inv * sx / count), m, A(-a * sd / count), s, h);
+          const A kb = A(-a * inv * inv * sx / count), kc = A(-a * sd / count);
+          write_output(k, stream, d + off, v.HW, stride, v.N, 1, [&](T* dst, int64_t o, int64_t n) {
+            k.span_grad_input[act](g + off + o, x + off + o, dst, n, 0, 1, A(a), kb, m, kc, s, h);
+          });
         }
       });
     });

@@ -115,32 +115,34 @@ void channel_affine(const ChannelView& v, const Tensor& out, const Tensor& mean,
   const A* m = ptr<const A>(mean);
   const A* s = ptr<const A>(scale);
   const A* h = ptr<const A>(bias);
+  const bool stream = stream_output(v.x.numel() * int64_t(sizeof(T)));
   if (!v.rows) {
     const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
     const int64_t period = per_sample ? v.N * v.C : v.C;
     at::parallel_for(0, v.N * v.C, grain, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p)
-        k.span_affine[act](x + p * v.HW, y + p * v.HW, v.HW, 0, 1, m[p % period], s[p % period],
-                           h[p % period]);
+      const StreamFence fence{stream};
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t i = p % period;
+        write_output(k, stream, y + p * v.HW, v.HW, 0, 1, 1, [&](T* dst, int64_t o, int64_t n) {
+          k.span_affine[act](x + p * v.HW + o, dst, n, 0, 1, m[i], s[i], h[i]);
+        });
+      }
     });
     return;
   }
   const int64_t C = v.C;
   const int64_t grain = std::max<int64_t>(1, 32768 / C);
-  if (!per_sample) {
-    at::parallel_for(0, v.N * v.HW, grain, [&](int64_t r0, int64_t r1) {
-      k.row_affine[act](x + r0 * C, y + r0 * C, r1 - r0, C, m, s, h);
-    });
-    return;
-  }
+  // Rows are cut where the constants change: at samples, if per sample.
+  const int64_t segment = per_sample ? v.HW : v.N * v.HW;
   at::parallel_for(0, v.N * v.HW, grain, [&](int64_t r0, int64_t r1) {
-    // Split the range at sample boundaries: constants change per sample.
-    for (int64_t r = r0; r < r1;) {
-      const int64_t n = r / v.HW;
-      const int64_t end = std::min(r1, (n + 1) * v.HW);
-      k.row_affine[act](x + r * C, y + r * C, end - r, C, m + n * C, s + n * C, h + n * C);
-      r = end;
-    }
+    const StreamFence fence{stream};
+    write_output(k, stream, y + r0 * C, (r1 - r0) * C, 0, 1, C, [&](T* dst, int64_t o, int64_t n) {
+      const int64_t first = r0 + o / C;
+      for_each_segment(first, first + n / C, segment, [&](int64_t r, int64_t end, int64_t smp) {
+        k.row_affine[act](x + r * C, dst + (r - first) * C, end - r, C, m + smp * C, s + smp * C,
+                          h + smp * C);
+      });
+    });
   });
 }
 
@@ -223,29 +225,35 @@ void channel_grad_input(const ChannelView& v, const Tensor& dy, const Tensor& dx
   T* d = ptr<T>(dx);
   const A *pa = ptr<const A>(a), *pb = ptr<const A>(b), *pm = ptr<const A>(m),
           *pc = ptr<const A>(c), *ps = ptr<const A>(scale), *ph = ptr<const A>(bias);
+  const bool stream = stream_output(v.x.numel() * int64_t(sizeof(T)));
   if (!v.rows) {
     const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
     const int64_t period = per_sample ? v.N * v.C : v.C;
     at::parallel_for(0, v.N * v.C, grain, [&](int64_t p0, int64_t p1) {
+      const StreamFence fence{stream};
       for (int64_t p = p0; p < p1; ++p) {
-        const int64_t i = p % period;
-        k.span_grad_input[act](g + p * v.HW, x + p * v.HW, d + p * v.HW, v.HW, 0, 1, pa[i], pb[i],
-                               pm[i], pc[i], ps[i], ph[i]);
+        const int64_t i = p % period, base = p * v.HW;
+        write_output(k, stream, d + base, v.HW, 0, 1, 1, [&](T* dst, int64_t o, int64_t n) {
+          k.span_grad_input[act](g + base + o, x + base + o, dst, n, 0, 1, pa[i], pb[i], pm[i],
+                                 pc[i], ps[i], ph[i]);
+        });
       }
     });
     return;
   }
   const int64_t C = v.C;
   const int64_t grain = std::max<int64_t>(1, 32768 / C);
+  const int64_t segment = per_sample ? v.HW : v.N * v.HW;
   at::parallel_for(0, v.N * v.HW, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1;) {
-      const int64_t n = per_sample ? r / v.HW : 0;
-      const int64_t end = per_sample ? std::min(r1, (n + 1) * v.HW) : r1;
-      const int64_t o = n * C;
-      k.row_grad_input[act](g + r * C, x + r * C, d + r * C, end - r, C, pa + o, pb + o, pm + o,
-                            pc + o, ps + o, ph + o);
-      r = end;
-    }
+    const StreamFence fence{stream};
+    write_output(k, stream, d + r0 * C, (r1 - r0) * C, 0, 1, C, [&](T* dst, int64_t o, int64_t n) {
+      const int64_t first = r0 + o / C;
+      for_each_segment(first, first + n / C, segment, [&](int64_t r, int64_t end, int64_t smp) {
+        const int64_t c0 = smp * C;
+        k.row_grad_input[act](g + r * C, x + r * C, dst + (r - first) * C, end - r, C, pa + c0,
+                              pb + c0, pm + c0, pc + c0, ps + c0, ph + c0);
+      });
+    });
   });
 }
 

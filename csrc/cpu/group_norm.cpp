@@ -30,16 +30,22 @@ void forward_by_group(const ChannelView& v, int64_t G, const Tensor& out, const 
   const int64_t D = v.C / G;
   const T* x = ptr<const T>(v.x);
   T* y = ptr<T>(out);
+  const bool stream = stream_output(v.x.numel() * int64_t(sizeof(T)));
   at::parallel_for(0, v.N * G, grain_for(v.C / G * v.HW), [&](int64_t g0, int64_t g1) {
+    const StreamFence fence{stream};
     for (int64_t ng = g0; ng < g1; ++ng) {
       A gm, gq;
       k.span_moments(x + ng * D * v.HW, D * v.HW, 0, 1, ng + 1 < g1 ? x + (ng + 1) * D * v.HW : nullptr,
                      &gm, &gq);
       const double r = 1.0 / std::sqrt(double(gq) / double(D * v.HW) + eps);
-      for (int64_t d = 0; d < D; ++d) {
-        const int64_t c = (ng % G) * D + d, p = ng * D + d;
-        k.span_affine[0](x + p * v.HW, y + p * v.HW, v.HW, 0, 1, gm, A(r * w[c]), A(b[c]));
-      }
+      // The group's planes are contiguous: one run of D planes.
+      const int64_t base = ng * D * v.HW, c0 = (ng % G) * D;
+      write_output(k, stream, y + base, D * v.HW, 0, 1, 1, [&](T* dst, int64_t o, int64_t n) {
+        for_each_segment(o, o + n, v.HW, [&](int64_t i, int64_t end, int64_t d) {
+          k.span_affine[0](x + base + i, dst + (i - o), end - i, 0, 1, gm, A(r * w[c0 + d]),
+                           A(b[c0 + d]));
+        });
+      });
       mean[ng] = gm;
       rstd[ng] = r;
     }
@@ -92,7 +98,9 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
   const T* x = ptr<const T>(v.x);
   const T* g = ptr<const T>(dy);
   T* d = ptr<T>(dx);
+  const bool stream = stream_output(v.x.numel() * int64_t(sizeof(T)));
   at::parallel_for(0, v.N * G, grain_for(v.C / G * v.HW), [&](int64_t g0, int64_t g1) {
+    const StreamFence fence{stream};
     for (int64_t ng = g0; ng < g1; ++ng) {
       const A m = A(mean[ng]);
       const double r = rstd[ng];
@@ -107,12 +115,13 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
         e2 += w[(ng % G) * D + j] * px;
       }
       const A kb = A(-r * r * r * e2 / count), kc = A(-r * e1 / count);
-      for (int64_t j = 0; j < D; ++j) {
-        const int64_t p = ng * D + j;
-        const A ka = A(r * w[(ng % G) * D + j]);
-        k.span_grad_input[0](g + p * v.HW, x + p * v.HW, d + p * v.HW, v.HW, 0, 1, ka, kb, m, kc,
-                             1, 0);
-      }
+      const int64_t base = ng * D * v.HW, c0 = (ng % G) * D;
+      write_output(k, stream, d + base, D * v.HW, 0, 1, 1, [&](T* dst, int64_t o, int64_t n) {
+        for_each_segment(o, o + n, v.HW, [&](int64_t i, int64_t end, int64_t j) {
+          k.span_grad_input[0](g + base + i, x + base + i, dst + (i - o), end - i, 0, 1,
+                               A(r * w[c0 + j]), kb, m, kc, 1, 0);
+        });
+      });
     }
   });
 }

@@ -38,9 +38,14 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor& input, c10::SymIntAr
     const T* px = ptr<const T>(x);
     T* py = ptr<T>(out);
     const int64_t grain = std::max<int64_t>(1, 16384 / D);
+    const bool stream = stream_output(x.numel() * int64_t(sizeof(T)));
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      k.layer_norm_rows(px + r0 * D, py + r0 * D, r1 - r0, D, ptr<const A>(w), ptr<const A>(b),
-                        A(eps), ptr<A>(mean) + r0, ptr<A>(rstd) + r0);
+      const StreamFence fence{stream};
+      write_output(k, stream, py + r0 * D, (r1 - r0) * D, 0, 1, D, [&](T* dst, int64_t o, int64_t n) {
+        const int64_t first = r0 + o / D;
+        k.layer_norm_rows(px + first * D, dst, n / D, D, ptr<const A>(w), ptr<const A>(b), A(eps),
+                          ptr<A>(mean) + first, ptr<A>(rstd) + first);
+      });
     });
   });
   return {out, mean, rstd};
@@ -72,10 +77,17 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
       T* pd = need_dx ? ptr<T>(grad_input) : nullptr;
       A* pp = ptr<A>(partial);
       const int64_t grain = std::max<int64_t>(1, 16384 / D);
-      const auto run = [&](int64_t r0, int64_t r1, A* dg, A* db) {
-        k.layer_norm_backward_rows(pg + r0 * D, px + r0 * D, pd ? pd + r0 * D : nullptr, r1 - r0,
-                                   D, ptr<const A>(m) + r0, ptr<const A>(r) + r0,
+      const bool stream = need_dx && stream_output(x.numel() * int64_t(sizeof(T)));
+      const auto rows_to = [&](T* dst, int64_t first, int64_t count, A* dg, A* db) {
+        k.layer_norm_backward_rows(pg + first * D, px + first * D, dst, count, D,
+                                   ptr<const A>(m) + first, ptr<const A>(r) + first,
                                    ptr<const A>(w), dg, db);
+      };
+      const auto run = [&](int64_t r0, int64_t r1, A* dg, A* db) {
+        if (pd == nullptr) return rows_to(nullptr, r0, r1 - r0, dg, db);
+        const StreamFence fence{stream};
+        write_output(k, stream, pd + r0 * D, (r1 - r0) * D, 0, 1, D,
+                     [&](T* dst, int64_t o, int64_t n) { rows_to(dst, r0 + o / D, n / D, dg, db); });
       };
       if (need_params) {
         for_each_chunk(rows, chunks, [&](int64_t c, int64_t r0, int64_t r1) {

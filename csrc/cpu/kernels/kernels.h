@@ -136,6 +136,12 @@ struct Kernels {
   void (*depthwise_rows_grad_weight)(const A* dy, const A* x, int64_t H, int64_t W, int64_t C,
                                      int64_t stride, int64_t ho0, int64_t ho1, A* row,
                                      double* dw);
+
+  // dst[0, n) = src[0, n) with non-temporal stores for the whole aligned
+  // vectors (plain ones at the unaligned ends): an output streamed out of a
+  // buffer in cache costs memory no read of the lines it overwrites
+  // (common.h, write_output). Unfenced: see StreamFence.
+  void (*stream_out)(T* dst, const T* src, int64_t n);
 };
 
 namespace cap_default {

@@ -8,6 +8,11 @@
 // sit in L1/L2, and blocks are combined with Chan's merge: one read of the
 // data from memory, and the accuracy of a two-pass.
 
+#include <cstring>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace normops {
 namespace cpu {
 namespace NORMOPS_CAP {
@@ -798,7 +803,9 @@ void layer_norm_rows(const T* x, T* y, int64_t rows, int64_t D, const acc_t<T>* 
     const T* __restrict xr = x + r * D;
     T* __restrict yr = y + r * D;
     A mu, m2;
-    span_moments(xr, D, 0, 1, r + 1 < rows ? xr + D : nullptr, &mu, &m2);
+    // The next row is prefetched even past `rows`: most likely the next
+    // call's first (prefetches do not fault).
+    span_moments(xr, D, 0, 1, xr + D, &mu, &m2);
     const A rs = inv_std(m2 / A(D), eps);
     mean[r] = mu;
     rstd[r] = rs;
@@ -1310,6 +1317,39 @@ void depthwise_rows_grad_weight(const A* dy, const A* x, int64_t H, int64_t W, i
   }
 }
 
+// ---- Non-temporal output.
+
+#if defined(__x86_64__)
+NORMOPS_INLINE void stream_vector(char* dst, const char* src) {
+#if NORMOPS_VEC_BYTES == 64
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_loadu_si512(src));
+#elif NORMOPS_VEC_BYTES == 32
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+#else
+  _mm_stream_si128(reinterpret_cast<__m128i*>(dst),
+                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+#endif
+}
+#endif
+
+template <typename T>
+void stream_out(T* dst, const T* src, int64_t n) {
+  char* d = reinterpret_cast<char*>(dst);
+  const char* s = reinterpret_cast<const char*>(src);
+  const int64_t bytes = n * int64_t(sizeof(T));
+#if defined(__x86_64__)
+  constexpr int64_t V = NORMOPS_VEC_BYTES;
+  const int64_t to_aligned = int64_t(-reinterpret_cast<uintptr_t>(d) & uintptr_t(V - 1));
+  int64_t o = to_aligned < bytes ? to_aligned : bytes;
+  std::memcpy(d, s, size_t(o));
+  for (; o + V <= bytes; o += V) stream_vector(d + o, s + o);
+  std::memcpy(d + o, s + o, size_t(bytes - o));
+#else
+  std::memcpy(d, s, size_t(bytes));
+#endif
+}
+
 template <typename T>
 const Kernels<T>& kernel_table() {
   static const Kernels<T> table = {
@@ -1339,6 +1379,7 @@ const Kernels<T>& kernel_table() {
       &depthwise_rows<acc_t<T>>,
       &depthwise_rows_grad_input<acc_t<T>>,
       &depthwise_rows_grad_weight<acc_t<T>>,
+      &stream_out<T>,
   };
   return table;
 }
