@@ -113,11 +113,15 @@ print("ok")
 """
 
 
-def test_streamed_outputs_equal_plain_stores(tmp_path):
+@pytest.mark.parametrize("cap", ["default", "avx2", "avx512"])
+def test_streamed_outputs_equal_plain_stores(tmp_path, cap):
+    if cap not in available_capabilities():
+        pytest.skip(f"this CPU has no {cap}")
     results = []
     for mode in ("1", "0"):
         path = tmp_path / f"streaming{mode}.pt"
-        env = dict(os.environ, NORMOPS_STREAMING_STORES=mode, PYTHONPATH=ROOT)
+        env = dict(os.environ, NORMOPS_STREAMING_STORES=mode, NORMOPS_CPU_CAPABILITY=cap,
+                   PYTHONPATH=ROOT)
         r = subprocess.run([sys.executable, "-c", STREAMING_CHECK, str(path)], env=env,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

@@ -1320,17 +1320,28 @@ void depthwise_rows_grad_weight(const A* dy, const A* x, int64_t H, int64_t W, i
 // ---- Non-temporal output.
 
 #if defined(__x86_64__)
+// The widest stream store this build enabled: the AVX2 and AVX-512 units
+// switch their instruction sets on with GCC's target pragma (not under
+// clang, which builds them with the x86-64 baseline); SSE2 is in every
+// x86-64 CPU.
+#if NORMOPS_VEC_BYTES == 64 && defined(__GNUC__) && !defined(__clang__)
+constexpr int64_t kStreamBytes = 64;
 NORMOPS_INLINE void stream_vector(char* dst, const char* src) {
-#if NORMOPS_VEC_BYTES == 64
   _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_loadu_si512(src));
-#elif NORMOPS_VEC_BYTES == 32
+}
+#elif NORMOPS_VEC_BYTES == 32 && defined(__GNUC__) && !defined(__clang__)
+constexpr int64_t kStreamBytes = 32;
+NORMOPS_INLINE void stream_vector(char* dst, const char* src) {
   _mm256_stream_si256(reinterpret_cast<__m256i*>(dst),
                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+}
 #else
+constexpr int64_t kStreamBytes = 16;
+NORMOPS_INLINE void stream_vector(char* dst, const char* src) {
   _mm_stream_si128(reinterpret_cast<__m128i*>(dst),
                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-#endif
 }
+#endif
 #endif
 
 template <typename T>
@@ -1339,7 +1350,7 @@ void stream_out(T* dst, const T* src, int64_t n) {
   const char* s = reinterpret_cast<const char*>(src);
   const int64_t bytes = n * int64_t(sizeof(T));
 #if defined(__x86_64__)
-  constexpr int64_t V = NORMOPS_VEC_BYTES;
+  constexpr int64_t V = kStreamBytes;
   const int64_t to_aligned = int64_t(-reinterpret_cast<uintptr_t>(d) & uintptr_t(V - 1));
   int64_t o = to_aligned < bytes ? to_aligned : bytes;
   std::memcpy(d, s, size_t(o));
