@@ -267,7 +267,7 @@ NORMOPS_INLINE void block_moments(const T* x, int64_t len, int64_t stride, int64
     centred.add(
         len,
         [&](int64_t i, V* acc) {
-          if (nj != nullptr && i < next_len) __builtin_prefetch(nj + i);
+          if (nj != nullptr && i < next_len) __builtin_prefetch(nj + i, 0, 2);
           const V d = vload_widened(xj + i) - vbm;
           acc[0] += d * d;
           acc[1] += d;
