@@ -41,7 +41,7 @@ struct CpuBatchNorm : ChannelDrivers {
       const double* pb = b.data();
       A* pmean = ptr<A>(mean);
       A* pvar = ptr<A>(var);
-      const bool stream = stream_output(v.x.numel() * int64_t(sizeof(T)));
+      const bool stream = stream_output(out);
       at::parallel_for(0, v.C, grain_for(v.N * v.HW), [&](int64_t c0, int64_t c1) {
         const StreamFence fence{stream};
         for (int64_t c = c0; c < c1; ++c) {
@@ -84,7 +84,7 @@ struct CpuBatchNorm : ChannelDrivers {
       const double* pw = ptr<double>(f.weight);
       double* psd = sum_dy.data();
       double* psx = sum_dy_xmu.data();
-      const bool stream = stream_output(v.x.numel() * int64_t(sizeof(T)));
+      const bool stream = stream_output(dx);
       at::parallel_for(0, v.C, grain_for(v.N * v.HW), [&](int64_t c0, int64_t c1) {
         const StreamFence fence{stream};
         for (int64_t c = c0; c < c1; ++c) {

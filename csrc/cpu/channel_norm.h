@@ -115,7 +115,7 @@ void channel_affine(const ChannelView& v, const Tensor& out, const Tensor& mean,
   const A* m = ptr<const A>(mean);
   const A* s = ptr<const A>(scale);
   const A* h = ptr<const A>(bias);
-  const bool stream = stream_output(v.x.numel() * int64_t(sizeof(T)));
+  const bool stream = stream_output(out);
   if (!v.rows) {
     const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
     const int64_t period = per_sample ? v.N * v.C : v.C;
@@ -225,7 +225,7 @@ void channel_grad_input(const ChannelView& v, const Tensor& dy, const Tensor& dx
   T* d = ptr<T>(dx);
   const A *pa = ptr<const A>(a), *pb = ptr<const A>(b), *pm = ptr<const A>(m),
           *pc = ptr<const A>(c), *ps = ptr<const A>(scale), *ph = ptr<const A>(bias);
-  const bool stream = stream_output(v.x.numel() * int64_t(sizeof(T)));
+  const bool stream = stream_output(dx);
   if (!v.rows) {
     const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
     const int64_t period = per_sample ? v.N * v.C : v.C;

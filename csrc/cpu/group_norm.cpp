@@ -30,7 +30,7 @@ void forward_by_group(const ChannelView& v, int64_t G, const Tensor& out, const 
   const int64_t D = v.C / G;
   const T* x = ptr<const T>(v.x);
   T* y = ptr<T>(out);
-  const bool stream = stream_output(v.x.numel() * int64_t(sizeof(T)));
+  const bool stream = stream_output(out);
   at::parallel_for(0, v.N * G, grain_for(v.C / G * v.HW), [&](int64_t g0, int64_t g1) {
     const StreamFence fence{stream};
     for (int64_t ng = g0; ng < g1; ++ng) {
@@ -98,7 +98,7 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
   const T* x = ptr<const T>(v.x);
   const T* g = ptr<const T>(dy);
   T* d = ptr<T>(dx);
-  const bool stream = stream_output(v.x.numel() * int64_t(sizeof(T)));
+  const bool stream = stream_output(dx);
   at::parallel_for(0, v.N * G, grain_for(v.C / G * v.HW), [&](int64_t g0, int64_t g1) {
     const StreamFence fence{stream};
     for (int64_t ng = g0; ng < g1; ++ng) {

@@ -38,7 +38,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor& input, c10::SymIntAr
     const T* px = ptr<const T>(x);
     T* py = ptr<T>(out);
     const int64_t grain = std::max<int64_t>(1, 16384 / D);
-    const bool stream = stream_output(x.numel() * int64_t(sizeof(T)));
+    const bool stream = stream_output(out);
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       const StreamFence fence{stream};
       write_output(k, stream, py + r0 * D, (r1 - r0) * D, 0, 1, D, [&](T* dst, int64_t o, int64_t n) {
@@ -77,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
       T* pd = need_dx ? ptr<T>(grad_input) : nullptr;
       A* pp = ptr<A>(partial);
       const int64_t grain = std::max<int64_t>(1, 16384 / D);
-      const bool stream = need_dx && stream_output(x.numel() * int64_t(sizeof(T)));
+      const bool stream = need_dx && stream_output(grad_input);
       const auto rows_to = [&](T* dst, int64_t first, int64_t count, A* dg, A* db) {
         k.layer_norm_backward_rows(pg + first * D, px + first * D, dst, count, D,
                                    ptr<const A>(m) + first, ptr<const A>(r) + first,
