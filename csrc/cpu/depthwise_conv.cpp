@@ -79,12 +79,11 @@ Tensor depthwise_conv3x3(const Tensor& input, const Tensor& weight, int64_t stri
       return;
     }
     at::parallel_for(0, l.v.N * l.Ho, grain_for(l.Wo * l.v.C), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1;) {
-        const int64_t n = r / l.Ho, end = std::min(r1, (n + 1) * l.Ho);
+      // Rows r of image n = r / Ho.
+      for_each_segment(r0, r1, l.Ho, [&](int64_t r, int64_t end, int64_t n) {
         k.depthwise_rows(x + n * l.H * l.W * l.v.C, l.H, l.W, l.v.C, stride, pw, r - n * l.Ho,
                          end - n * l.Ho, y + n * l.Ho * l.Wo * l.v.C);
-        r = end;
-      }
+      });
     });
   });
   return out;
@@ -127,12 +126,10 @@ std::tuple<Tensor, Tensor> depthwise_conv3x3_backward(const Tensor& grad_out, co
         });
       } else {
         at::parallel_for(0, l.v.N * l.H, grain_for(l.W * l.v.C), [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1;) {
-            const int64_t n = r / l.H, end = std::min(r1, (n + 1) * l.H);
+          for_each_segment(r0, r1, l.H, [&](int64_t r, int64_t end, int64_t n) {
             k.depthwise_rows_grad_input(g + n * out_image, l.H, l.W, l.v.C, stride, pw,
                                         r - n * l.H, end - n * l.H, d + n * in_image);
-            r = end;
-          }
+          });
         });
       }
     }
@@ -148,13 +145,11 @@ std::tuple<Tensor, Tensor> depthwise_conv3x3_backward(const Tensor& grad_out, co
     }
     for_each_chunk(l.v.N * l.Ho, tasks, [&](int64_t t, int64_t r0, int64_t r1) {
       std::vector<A> row(static_cast<size_t>(9 * l.v.C));
-      for (int64_t r = r0; r < r1;) {
-        const int64_t n = r / l.Ho, end = std::min(r1, (n + 1) * l.Ho);
+      for_each_segment(r0, r1, l.Ho, [&](int64_t r, int64_t end, int64_t n) {
         k.depthwise_rows_grad_weight(g + n * out_image, x + n * in_image, l.H, l.W, l.v.C, stride,
                                      r - n * l.Ho, end - n * l.Ho, row.data(),
                                      partial.data() + t * l.v.C * 9);
-        r = end;
-      }
+      });
     });
   });
   Tensor grad_weight = at::empty({0}, weight.options());
