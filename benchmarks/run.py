@@ -525,6 +525,10 @@ def parse_args(argv=None):
         p.error(f"--threads expects comma-separated integers, got {args.threads!r}")
     if any(t < 1 for t in args.threads):
         p.error("--threads must be positive")
+    try:  # now, not after minutes of measuring
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--out {args.out}: cannot create the output folder ({exc.strerror})")
     return args
 
 
