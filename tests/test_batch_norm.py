@@ -11,9 +11,11 @@ import normops.functional as NF
 from helpers import (LAYOUTS, assert_close, devices, make_input, needs_bn_bias_arg,
                      step_and_compare)
 
-# 1100 channels: channels_last reductions in row tiles, with a scalar tail.
+# channels_last reductions: 120 channels in register chunks of 4 vectors, then
+# single vectors and scalars, over two row blocks; 1100 in row tiles, with a
+# scalar tail.
 SHAPES_2D = [(4, 3, 5, 5), (1, 6, 7, 3), (2, 5, 1, 3), (3, 2, 1, 1), (5, 17, 9, 11), (2, 64, 4, 4),
-             (2, 1100, 5, 3)]
+             (3, 120, 9, 7), (2, 1100, 5, 3)]
 
 
 def modules(cls_name, C, dtype=torch.float32, device="cpu", **kw):
