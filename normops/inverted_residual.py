@@ -238,7 +238,8 @@ class _RecomputedTrainBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, stages, stride, residual, x, *params):
-        out, h3, stats = _train_forward(x, params, stages, stride, residual)
+        with torch._C._AutoDispatchBelowAutograd():
+            out, h3, stats = _train_forward(x, params, stages, stride, residual)
         flat = [t for st in stats for t in (st if st is not None else (None, None))]
         ctx.save_for_backward(x, h3, *params, *flat)
         ctx.stride, ctx.residual = stride, residual
@@ -247,59 +248,69 @@ class _RecomputedTrainBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, h3, ew, ebw, ebb, dw, dbw, dbb, pw, pbw, pbb, *flat = ctx.saved_tensors
-        params = (ew, ebw, ebb, dw, dbw, dbb, pw, pbw, pbb)
+        x, h3, *rest = ctx.saved_tensors
+        params, flat = rest[:9], rest[9:]
         needs = ctx.needs_input_grad[3:]
         if needs_double_backward(grad_out, x, *params):  # create_graph=True
             grads = torch_grads(
                 lambda x, *p: _reference_train_forward(x, p, ctx.eps, ctx.stride, ctx.residual),
                 (x, *params), needs, grad_out)
             return (None, None, None, *grads)
-        (m1, v1), (m2, v2), (m3, v3) = zip(flat[0::2], flat[1::2])
-        if _uses_normops_depthwise(x):  # the layout the forward ran in
-            x = x.contiguous(memory_format=torch.channels_last)
-        s = ctx.stride
-        # The activations, recomputed with the forward's statistics.
-        h1 = a1 = None
-        if ew is not None:
-            h1 = F.conv2d(x, ew)
-            a1 = ops.batch_norm_elemt(h1, ebw, ebb, m1, v1, ctx.eps[0], _RELU6)
-        dw_in = x if ew is None else a1
-        h2 = _depthwise(dw_in, dw, s)
-        a2 = ops.batch_norm_elemt(h2, dbw, dbb, m2, v2, ctx.eps[1], _RELU6)
-
-        def conv_backward(g, inp, w, stride, padding, groups, need_input, need_weight):
-            return torch.ops.aten.convolution_backward(
-                g, inp, w, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], groups,
-                [need_input, need_weight, False])[:2]
-
-        def bn_backward(g, h, w, b, mean, var, eps, act, need_w, need_b):
-            gi, gw, gb = ops.batch_norm_backward(g, h, w, b, mean, var, True, eps, act,
-                                                 [True, need_w, need_b])
-            return gi, (gw if need_w else None), (gb if need_b else None)
-
-        dh3, g_pbw, g_pbb = bn_backward(grad_out, h3, pbw, pbb, m3, v3, ctx.eps[2], 0,
-                                        needs[8], needs[9])
-        da2, g_pw = conv_backward(dh3, a2, pw, 1, 0, 1, True, needs[7])
-        dh2, g_dbw, g_dbb = bn_backward(da2, h2, dbw, dbb, m2, v2, ctx.eps[1], _RELU6,
-                                        needs[5], needs[6])
-        need_dw_in = needs[0] or ew is not None
-        if _uses_normops_depthwise(dw_in):
-            d_in, g_dw = ops.depthwise_conv3x3_backward(dh2, dw_in, dw, s, [need_dw_in, needs[4]])
-            d_in, g_dw = (d_in if need_dw_in else None), (g_dw if needs[4] else None)
-        else:
-            d_in, g_dw = conv_backward(dh2, dw_in, dw, s, 1, dw.size(0), need_dw_in, needs[4])
-        g_ew = g_ebw = g_ebb = None
-        dx = d_in
-        if ew is not None:
-            dh1, g_ebw, g_ebb = bn_backward(d_in, h1, ebw, ebb, m1, v1, ctx.eps[0], _RELU6,
-                                            needs[2], needs[3])
-            dx, g_ew = conv_backward(dh1, x, ew, 1, 0, 1, needs[0], needs[1])
-        if needs[0] and ctx.residual:
-            dx = dx + grad_out
-        grads = [dx if needs[0] else None, g_ew, g_ebw, g_ebb, g_dw, g_dbw, g_dbb, g_pw, g_pbw,
-                 g_pbb]
+        with torch._C._AutoDispatchBelowAutograd():
+            grads = _recomputed_backward(ctx, grad_out, x, h3, params, flat, needs)
         return (None, None, None, *grads)
+
+
+def _recomputed_backward(ctx, grad_out, x, h3, params, flat, needs):
+    """_RecomputedTrainBlock's backward (not differentiable): the expanded
+    activations recomputed from x with the forward's statistics, then the
+    convolution and batch-norm backward ops down the chain. Returns the
+    gradients of x and the nine parameters."""
+    ew, ebw, ebb, dw, dbw, dbb, pw, pbw, pbb = params
+    (m1, v1), (m2, v2), (m3, v3) = zip(flat[0::2], flat[1::2])
+    if _uses_normops_depthwise(x):  # the layout the forward ran in
+        x = x.contiguous(memory_format=torch.channels_last)
+    s = ctx.stride
+    # The activations, recomputed with the forward's statistics.
+    h1 = a1 = None
+    if ew is not None:
+        h1 = F.conv2d(x, ew)
+        a1 = ops.batch_norm_elemt(h1, ebw, ebb, m1, v1, ctx.eps[0], _RELU6)
+    dw_in = x if ew is None else a1
+    h2 = _depthwise(dw_in, dw, s)
+    a2 = ops.batch_norm_elemt(h2, dbw, dbb, m2, v2, ctx.eps[1], _RELU6)
+
+    def conv_backward(g, inp, w, stride, padding, groups, need_input, need_weight):
+        return torch.ops.aten.convolution_backward(
+            g, inp, w, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], groups,
+            [need_input, need_weight, False])[:2]
+
+    def bn_backward(g, h, w, b, mean, var, eps, act, need_w, need_b):
+        gi, gw, gb = ops.batch_norm_backward(g, h, w, b, mean, var, True, eps, act,
+                                             [True, need_w, need_b])
+        return gi, (gw if need_w else None), (gb if need_b else None)
+
+    dh3, g_pbw, g_pbb = bn_backward(grad_out, h3, pbw, pbb, m3, v3, ctx.eps[2], 0,
+                                    needs[8], needs[9])
+    da2, g_pw = conv_backward(dh3, a2, pw, 1, 0, 1, True, needs[7])
+    dh2, g_dbw, g_dbb = bn_backward(da2, h2, dbw, dbb, m2, v2, ctx.eps[1], _RELU6,
+                                    needs[5], needs[6])
+    need_dw_in = needs[0] or ew is not None
+    if _uses_normops_depthwise(dw_in):
+        d_in, g_dw = ops.depthwise_conv3x3_backward(dh2, dw_in, dw, s, [need_dw_in, needs[4]])
+        d_in, g_dw = (d_in if need_dw_in else None), (g_dw if needs[4] else None)
+    else:
+        d_in, g_dw = conv_backward(dh2, dw_in, dw, s, 1, dw.size(0), need_dw_in, needs[4])
+    g_ew = g_ebw = g_ebb = None
+    dx = d_in
+    if ew is not None:
+        dh1, g_ebw, g_ebb = bn_backward(d_in, h1, ebw, ebb, m1, v1, ctx.eps[0], _RELU6,
+                                        needs[2], needs[3])
+        dx, g_ew = conv_backward(dh1, x, ew, 1, 0, 1, needs[0], needs[1])
+    if needs[0] and ctx.residual:
+        dx = dx + grad_out
+    return [dx if needs[0] else None, g_ew, g_ebw, g_ebb, g_dw, g_dbw, g_dbb, g_pw, g_pbw,
+            g_pbb]
 
 
 class InvertedResidual(nn.Module):
