@@ -31,7 +31,7 @@ from torch.nn.modules import module as _module_hooks
 
 from ._fx import fx_leaf
 from .functional import needs_torch_rules, update_running_stats
-from .ops._common import needs_double_backward, torch_grads
+from .ops._common import below_autograd, needs_double_backward, torch_grads
 
 ops = torch.ops.normops
 
@@ -394,7 +394,8 @@ class InvertedResidual(nn.Module):
                                                        *params)
                 return _train_forward(x, params, stages, stride, self.use_res_connect)[0]
             if not any(batch_stats):
-                return ops.inverted_residual(x, *self._folded(stages), stride,
-                                             self.use_res_connect)
+                folded = self._folded(stages)
+                with below_autograd(x, *folded):
+                    return ops.inverted_residual(x, *folded, stride, self.use_res_connect)
         y = self.conv(x)
         return x + y if self.use_res_connect else y

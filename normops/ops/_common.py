@@ -5,6 +5,8 @@ They mirror csrc/cpu/common.h: an (N, C, *) input that is contiguous or
 channels_last-dense is used as it is and its output has its strides; any other
 input is copied to contiguous first.
 """
+import contextlib
+
 import torch
 
 
@@ -86,3 +88,15 @@ def affine_norm_backward(ctx, grad_out, reference, kernel):
         grads = kernel(grad_out, input, mean, rstd, weight, bias, needs)
         grads = [g if n else None for g, n in zip(grads, needs)]
     return grads[0], None, grads[1], grads[2], None
+
+
+def below_autograd(*tensors):
+    """The context for an op call that records no graph (grad disabled, or no
+    tensor requiring grad), in eager mode: the op then dispatches straight to
+    its kernel instead of through torch.library's Python autograd wrapper,
+    which costs about 10 us a call. Elsewhere (a graph to record, or
+    torch.compile tracing) a no-op."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors)):
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
