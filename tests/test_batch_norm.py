@@ -190,6 +190,26 @@ def test_channels_last_variance_with_outlier_rows(device, C):
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_affine_step_centres_large_means(layout):
+    """Statistics far from zero (1e4) keep the affine step centred, x - mean
+    first: folded into the bias (x * scale + (bias - mean * scale)), x * scale
+    would round at 1e4's scale, an error of about 1e-3."""
+    C = 6
+    x = make_input((4, C, 5, 7), torch.float32, layout=layout, offset=1e4)
+    m = normops.nn.BatchNorm2d(C).eval()
+    with torch.no_grad():
+        m.running_mean.fill_(1e4)
+        m.running_var.uniform_(0.5, 2.0)
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.5, 0.5)
+    per_channel = [t.double().view(1, C, 1, 1) for t in
+                   (m.running_mean, m.running_var, m.weight, m.bias)]
+    mean, var, weight, bias = per_channel
+    ref = (x.double() - mean) / torch.sqrt(var + m.eps) * weight + bias
+    torch.testing.assert_close(m(x).double(), ref, rtol=0, atol=1e-5)
+
+
 def test_constant_channels_give_bias():
     x = torch.full((4, 3, 5, 5), 3e7)
     m = normops.nn.BatchNorm2d(3)
