@@ -12,10 +12,11 @@ from helpers import (LAYOUTS, assert_close, devices, make_input, needs_bn_bias_a
                      step_and_compare)
 
 # channels_last reductions: 120 channels in register chunks of 4 vectors, then
-# single vectors and scalars, over two row blocks; 1100 in row tiles, with a
-# scalar tail.
+# single vectors (AVX2: 3 chunks, 3 vectors; AVX-512: 1 chunk, 3 vectors, 8
+# scalars), over more than three row blocks per thread, so that blocks are
+# prefetched ahead; 1100 in row tiles, with a scalar tail.
 SHAPES_2D = [(4, 3, 5, 5), (1, 6, 7, 3), (2, 5, 1, 3), (3, 2, 1, 1), (5, 17, 9, 11), (2, 64, 4, 4),
-             (3, 120, 9, 7), (2, 1100, 5, 3)]
+             (4, 120, 16, 13), (2, 1100, 5, 3)]
 
 
 def modules(cls_name, C, dtype=torch.float32, device="cpu", **kw):

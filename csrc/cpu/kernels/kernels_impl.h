@@ -436,27 +436,29 @@ constexpr int64_t kPrefetchBlocks = 2;
 
 template <typename T>
 struct RowPrefetch {
-  const T* x;
-  const char* next = nullptr;
-  const char* end = nullptr;
+  const char* x;
+  int64_t next = 0, end = 0;  // byte offsets from x: no pointer past the data
+
+  explicit RowPrefetch(const T* data) : x(reinterpret_cast<const char*>(data)) {}
 
   // The block of block_rows rows of C values kPrefetchBlocks blocks after
   // the one from row b0, within `rows`.
   NORMOPS_INLINE void ahead(int64_t b0, int64_t block_rows, int64_t rows, int64_t C) {
     const int64_t r0 = b0 + kPrefetchBlocks * block_rows, r1 = r0 + block_rows;
-    next = reinterpret_cast<const char*>(x + r0 * C);
-    end = r0 < rows ? reinterpret_cast<const char*>(x + (r1 < rows ? r1 : rows) * C) : next;
+    const int64_t row_bytes = C * int64_t(sizeof(T));
+    next = (r0 < rows ? r0 : rows) * row_bytes;
+    end = (r1 < rows ? r1 : rows) * row_bytes;
   }
 
   NORMOPS_INLINE void step(int64_t elems) {
     const int64_t bytes = elems * int64_t(sizeof(T));
     for (int64_t o = 0; o < bytes; o += 64)
-      if (next + o < end) __builtin_prefetch(next + o, 0, 2);
+      if (next + o < end) __builtin_prefetch(x + next + o, 0, 2);
     next += bytes;
   }
 
   NORMOPS_INLINE void finish() {
-    for (; next < end; next += 64) __builtin_prefetch(next, 0, 2);
+    for (; next < end; next += 64) __builtin_prefetch(x + next, 0, 2);
   }
 };
 
@@ -563,7 +565,7 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
   const int nv = period_vecs<A>(C);
   const int64_t lanes = nv * L;
   alignas(NORMOPS_VEC_BYTES) A period[3][kMaxPeriodVecs * L];  // shift, s, q per lane
-  RowPrefetch<T> prefetch{x};
+  RowPrefetch<T> prefetch(x);
   A count = 0;
   for (int64_t b0 = 0; b0 < rows; b0 += block_rows) {
     const int64_t n = rows - b0 < block_rows ? rows - b0 : block_rows;
