@@ -150,6 +150,18 @@ NORMOPS_INLINE vec_t<acc_t<T>> vload_widened(const T* p) {
   using A = acc_t<T>;
   if constexpr (std::is_same<T, A>::value) {
     return vload(p);
+  } else if constexpr (std::is_same<T, bf16_t>::value) {
+    // A bfloat16 is the upper half of a float: widened in registers. Through
+    // a buffer instead, the vector reload cannot be forwarded from the
+    // narrower stores that filled it, and every vector waits on it.
+    typedef uint16_t narrow_bits __attribute__((vector_size(NORMOPS_VEC_BYTES / 2)));
+    typedef uint32_t wide_bits __attribute__((vector_size(NORMOPS_VEC_BYTES)));
+    narrow_bits h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    const wide_bits w = __builtin_convertvector(h, wide_bits) << 16;
+    vec_t<A> v;
+    __builtin_memcpy(&v, &w, sizeof(v));
+    return v;
   } else {
     alignas(NORMOPS_VEC_BYTES) A w[kVecLen<A>];
     NORMOPS_SIMD
