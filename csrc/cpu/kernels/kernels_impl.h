@@ -150,23 +150,34 @@ NORMOPS_INLINE vec_t<acc_t<T>> vload_widened(const T* p) {
   using A = acc_t<T>;
   if constexpr (std::is_same<T, A>::value) {
     return vload(p);
-  } else if constexpr (std::is_same<T, bf16_t>::value) {
-    // A bfloat16 is the upper half of a float: widened in registers. Through
-    // a buffer instead, the vector reload cannot be forwarded from the
-    // narrower stores that filled it, and every vector waits on it.
+  } else {
+    // Widened in registers, as load() widens one value. Through a buffer
+    // instead, the vector reload cannot be forwarded from the narrower
+    // stores that filled it, and every vector waits on it.
     typedef uint16_t narrow_bits __attribute__((vector_size(NORMOPS_VEC_BYTES / 2)));
     typedef uint32_t wide_bits __attribute__((vector_size(NORMOPS_VEC_BYTES)));
     narrow_bits h;
     __builtin_memcpy(&h, p, sizeof(h));
-    const wide_bits w = __builtin_convertvector(h, wide_bits) << 16;
+    const wide_bits u = __builtin_convertvector(h, wide_bits);
+    wide_bits bits;
+    if constexpr (std::is_same<T, bf16_t>::value) {
+      bits = u << 16;  // a bfloat16 is the upper half of a float
+    } else {
+      const wide_bits magnitude = u & 0x7fffu, sign = (u & 0x8000u) << 16;
+      const wide_bits rebiased = (magnitude << 13) + ((127u - 15u) << 23);
+      const wide_bits normal =
+          magnitude >= 0x7c00u ? rebiased + ((255u - 31u - 112u) << 23) : rebiased;
+      const wide_bits scaled = (113u << 23) | (magnitude << 13);
+      vec_t<A> f;
+      __builtin_memcpy(&f, &scaled, sizeof(f));
+      f -= 0x1p-14f;
+      wide_bits subnormal;
+      __builtin_memcpy(&subnormal, &f, sizeof(subnormal));
+      bits = sign | (magnitude < 0x0400u ? subnormal : normal);
+    }
     vec_t<A> v;
-    __builtin_memcpy(&v, &w, sizeof(v));
+    __builtin_memcpy(&v, &bits, sizeof(v));
     return v;
-  } else {
-    alignas(NORMOPS_VEC_BYTES) A w[kVecLen<A>];
-    NORMOPS_SIMD
-    for (int64_t l = 0; l < kVecLen<A>; ++l) w[l] = load(p[l]);
-    return vload(w);
   }
 }
 
