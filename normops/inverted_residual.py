@@ -238,7 +238,7 @@ class _RecomputedTrainBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, stages, stride, residual, x, *params):
-        with torch._C._AutoDispatchBelowAutograd():
+        with below_autograd():  # the forward of an autograd.Function records nothing
             out, h3, stats = _train_forward(x, params, stages, stride, residual)
         flat = [t for st in stats for t in (st if st is not None else (None, None))]
         ctx.save_for_backward(x, h3, *params, *flat)
@@ -256,7 +256,7 @@ class _RecomputedTrainBlock(torch.autograd.Function):
                 lambda x, *p: _reference_train_forward(x, p, ctx.eps, ctx.stride, ctx.residual),
                 (x, *params), needs, grad_out)
             return (None, None, None, *grads)
-        with torch._C._AutoDispatchBelowAutograd():
+        with below_autograd(grad_out, x, *params):
             grads = _recomputed_backward(ctx, grad_out, x, h3, params, flat, needs)
         return (None, None, None, *grads)
 

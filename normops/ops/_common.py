@@ -48,10 +48,17 @@ def empty_param_grad(x, param, wanted, shape):
     return x.new_empty(shape if wanted else (0,), dtype=dtype)
 
 
-def needs_double_backward(*tensors) -> bool:
-    """True when the backward itself is being differentiated (create_graph)."""
+def records_graph(*tensors) -> bool:
+    """True when autograd records a graph through an op on these tensors:
+    grad enabled and one of them requiring grad."""
     return torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
+
+
+def needs_double_backward(*tensors) -> bool:
+    """In a backward: True when the backward itself is being differentiated
+    (create_graph)."""
+    return records_graph(*tensors)
 
 
 def check_devices(op: str, input: torch.Tensor, **tensors) -> None:
@@ -96,7 +103,6 @@ def below_autograd(*tensors):
     its kernel instead of through torch.library's Python autograd wrapper,
     which costs about 10 us a call. Elsewhere (a graph to record, or
     torch.compile tracing) a no-op."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in tensors)):
+    if torch.compiler.is_compiling() or records_graph(*tensors):
         return contextlib.nullcontext()
     return torch._C._AutoDispatchBelowAutograd()
