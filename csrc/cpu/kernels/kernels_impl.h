@@ -589,6 +589,7 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
   const int64_t lanes = nv * L;
   alignas(NORMOPS_VEC_BYTES) A period[3][kMaxPeriodVecs * L];  // shift, s, q per lane
   RowPrefetch<T> prefetch(x);
+  const int64_t tile = row_tile<A>(/*s, q, shift*/ 3, C);
   A count = 0;
   for (int64_t b0 = 0; b0 < rows; b0 += block_rows) {
     const int64_t n = rows - b0 < block_rows ? rows - b0 : block_rows;
@@ -617,13 +618,13 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
         acc[0] += d;
         acc[1] += d * d;
       };
-      if (row_tile<A>(/*s, q, shift*/ 3, C) == 1) {
+      if (tile == 1) {  // the whole block in one tile of chunks
         prefetch.ahead(b0, block_rows, rows, C);
         column_sums<A, 2, kChunkVecs>(1, n, C, n, sums, vterms, sterms,
                                       [&](int64_t elems) { prefetch.step(elems); });
         prefetch.finish();
       } else {
-        column_sums<A, 2, 1>(1, n, C, kTileRows, sums, vterms, sterms, [](int64_t) {});
+        column_sums<A, 2, 1>(1, n, C, tile, sums, vterms, sterms, [](int64_t) {});
       }
     }
     const A inv = A(1) / A(n);
