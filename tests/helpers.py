@@ -94,3 +94,36 @@ def step_and_compare(ours, ref, x, act=None, steps=2, dtype=None, **tol):
                 assert_close(bo, br, dtype, **tol)
             else:
                 assert torch.equal(bo, br)
+
+
+def check_half_conversions(dtype, layout):
+    """The CPU kernels widen and round 16-bit values themselves (F16C for
+    float16 in the AVX2 and AVX-512 builds, integer arithmetic otherwise):
+    every bit pattern must widen exactly, and float results must round as
+    torch does (nearest even, overflow to inf, subnormals, NaN), in the
+    affine step (x every pattern) and in the input gradient (dy every
+    pattern), for the span (NCHW planes) and the row (channels_last) kernels."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    scales = [1.0, 0.7, 3.1e-3, 2.0 ** -20, 1.7e-7, 11.0, 65504.0 / 3, 1.3e30]
+    C = len(scales)
+    x = every.reshape(1, 1, -1).expand(2, C, -1).contiguous()  # planes: the span kernels
+    if layout == "rows":  # channels_last rows: the row kernels
+        x = x.reshape(2, C, 256, 256).contiguous(memory_format=torch.channels_last)
+    # Unit variance (invstd exactly 1), so the weight is the float scale used.
+    eps = 0.25
+    weight = torch.tensor(scales, dtype=torch.float32)
+    zeros, var = torch.zeros(C), torch.full((C,), 0.75)
+    ref = (x.float() * weight.view(1, C, *([1] * (x.dim() - 2)))).to(dtype)
+    y = torch.ops.normops.batch_norm_elemt(x, weight, None, zeros, var, eps, 0)
+    # With zero input and zero mean gradients, dx = invstd * weight * dy.
+    dx = torch.ops.normops.batch_norm_backward_elemt(
+        x, torch.zeros_like(x), zeros, var, weight, None, zeros, zeros, eps, 0)
+    for got in (y, dx):
+        # -0 * s + 0 is +0 in the kernels; torch's product keeps -0.
+        same_bits = got.view(torch.int16) == ref.view(torch.int16)
+        both_nan = torch.isnan(got) & torch.isnan(ref)
+        both_zero = (got == 0) & (ref == 0)
+        ok = same_bits | both_nan | both_zero
+        assert bool(ok.all()), int((~ok).sum())
+        assert torch.isnan(got).sum() == torch.isnan(ref).sum()
+        assert torch.isinf(got).sum() == torch.isinf(ref).sum()

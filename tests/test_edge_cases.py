@@ -4,6 +4,7 @@ import torch
 
 import normops
 import normops.functional as NF
+from helpers import check_half_conversions
 
 
 @pytest.mark.parametrize("make", [lambda: normops.nn.BatchNorm2d(3),
@@ -105,28 +106,9 @@ def test_relu6_mask_uses_the_stored_pre_activation(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["planes", "rows"])
 def test_half_conversions_match_torch(dtype, layout):
-    """The CPU kernels widen and round 16-bit values with their own integer
-    arithmetic: every bit pattern must widen exactly, and float results must
-    round as torch does (nearest even, overflow to inf, subnormals, NaN)."""
-    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
-    scales = [1.0, 0.7, 3.1e-3, 2.0 ** -20, 1.7e-7, 11.0, 65504.0 / 3, 1.3e30]
-    C = len(scales)
-    x = every.reshape(1, 1, -1).expand(2, C, -1).contiguous()  # planes: the span kernels
-    if layout == "rows":  # channels_last rows: the row kernels
-        x = x.reshape(2, C, 256, 256).contiguous(memory_format=torch.channels_last)
-    # Unit variance (invstd exactly 1), so the weight is the float scale used.
-    eps = 0.25
-    weight = torch.tensor(scales, dtype=torch.float32)
-    var = torch.full((C,), 0.75)
-    y = torch.ops.normops.batch_norm_elemt(x, weight, None, torch.zeros(C), var, eps, 0)
-    ref = (x.float() * weight.view(1, C, *([1] * (x.dim() - 2)))).to(dtype)
-    # -0 * s + 0 is +0 in the kernel (x - mean) * s + bias; torch's product keeps -0.
-    same_bits = y.view(torch.int16) == ref.view(torch.int16)
-    both_nan = torch.isnan(y) & torch.isnan(ref)
-    both_zero = (y == 0) & (ref == 0)
-    assert bool((same_bits | both_nan | both_zero).all()), int((~(same_bits | both_nan | both_zero)).sum())
-    assert torch.isnan(y).sum() == torch.isnan(ref).sum()
-    assert torch.isinf(y).sum() == torch.isinf(ref).sum()
+    """Every 16-bit pattern through the forward and the gradient kernels, in
+    this process's CPU build (test_runtime runs it in every build)."""
+    check_half_conversions(dtype, layout)
 
 
 def test_forward_mode_ad_gives_torch_tangents():

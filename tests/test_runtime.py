@@ -15,8 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = r"""
 import itertools
 import torch, normops, normops.functional as NF, torch.nn.functional as TF
+from helpers import check_half_conversions
 torch.manual_seed(0)
 assert normops.cpu_capability() == "{cap}", normops.cpu_capability()
+for dtype, layout in itertools.product((torch.float16, torch.bfloat16), ("planes", "rows")):
+    check_half_conversions(dtype, layout)
 for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
     tol = dict(rtol=1e-4, atol=1e-4) if dtype in (torch.float32, torch.float64) else dict(rtol=3e-2, atol=3e-2)
     # 12 channels: channels_last rows short enough for the period reductions
@@ -142,7 +145,8 @@ def available_capabilities():
 def test_every_cpu_build(cap):
     if cap not in available_capabilities():
         pytest.skip(f"this CPU has no {cap}")
-    env = dict(os.environ, NORMOPS_CPU_CAPABILITY=cap, PYTHONPATH=ROOT)
+    env = dict(os.environ, NORMOPS_CPU_CAPABILITY=cap,
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
     r = subprocess.run([sys.executable, "-c", CHECK.replace("{cap}", cap)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
