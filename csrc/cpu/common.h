@@ -166,21 +166,28 @@ inline int64_t last_level_cache_bytes() {
   return bytes;
 }
 
-// Whether `output` is written with non-temporal stores: when it is larger
-// than the last-level cache. A plain store first reads the line it
-// overwrites (read for ownership), a third of an elementwise pass's memory
-// traffic, and an output that size leaves the cache before the next op
-// reads it anyway. A smaller output is better left in cache: reused
-// allocations are then written there, where non-temporal stores would first
-// evict them. Measured here, 2 threads: layer norm 4096x768 (12.6 MB)
-// fwd+bwd 0.97-1.01x ATen plain, 0.87x streamed; 4096x4096 (64 MB)
-// 1.04-1.06x plain, 1.12-1.16x streamed; batch norm NCHW 32x256x56x56
-// (103 MB) forward 8.6-9.4 ms plain, 6.6-7.8 ms streamed.
+// Whether `output` is written with non-temporal stores: when it and the
+// input it is computed from, as large, do not fit in the last-level cache
+// together. A plain store first reads the line it overwrites (read for
+// ownership), a third of an elementwise pass's memory traffic, and such an
+// output leaves the cache before the next op reads it anyway. A smaller
+// output is better left in cache: reused allocations are then written
+// there, where non-temporal stores would first evict them. Measured here,
+// 2 threads, fwd+bwd x ATen: layer norm 4096x768 (12.6 MB) 0.97-1.01x plain,
+// 0.87x streamed; 4096x4096 (64 MB) 1.04-1.06x plain, 1.12-1.16x streamed;
+// batch norm NCHW 32x256x56x56 (103 MB) forward 8.6-9.4 ms plain, 6.6-7.8
+// ms streamed. Outputs of 16-32 MB (half the cache to all of it), which
+// the output's size alone left plain, two runs each: batch norm NCHW
+// 32x256x28x28 1.75-1.81x plain, 2.18-2.23x streamed; 32x192x28x28
+// 1.70-1.75x, 2.05-2.13x; 32x64x56x56 1.79-1.86x, 1.97-2.06x; 32x1024x14x14
+// 1.60-1.62x, 1.45-1.60x; with ReLU6 32x192x28x28 2.15-2.26x, 2.65-2.67x;
+// group norm NCHW 2x256x100x152 1.12-1.17x, 1.19-1.25x; layer norm
+// 8192x1024 0.93-1.05x, 1.08x; channels_last within the noise.
 inline bool stream_output(const Tensor& output) {
   switch (streaming_mode()) {
     case Streaming::Never: return false;
     case Streaming::Always: return true;
-    default: return int64_t(output.nbytes()) > last_level_cache_bytes();
+    default: return 2 * int64_t(output.nbytes()) > last_level_cache_bytes();
   }
 }
 
