@@ -100,30 +100,55 @@ def check_half_conversions(dtype, layout):
     """The CPU kernels widen and round 16-bit values themselves (F16C for
     float16 in the AVX2 and AVX-512 builds, integer arithmetic otherwise):
     every bit pattern must widen exactly, and float results must round as
-    torch does (nearest even, overflow to inf, subnormals, NaN), in the
-    affine step (x every pattern) and in the input gradient (dy every
-    pattern), for the span (NCHW planes) and the row (channels_last) kernels."""
+    torch does (nearest even, overflow to inf, subnormals, NaN). Batch norm's
+    affine step (plain and with ReLU6), its input gradient (dy every pattern;
+    and, with ReLU6, the mask at every stored pre-activation) and its
+    gradient sums under that mask, for the span (NCHW planes) and the row
+    (channels_last) kernels: 24 channels, a whole vector and a tail of a
+    row in every build."""
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
-    scales = [1.0, 0.7, 3.1e-3, 2.0 ** -20, 1.7e-7, 11.0, 65504.0 / 3, 1.3e30]
+    scales = [1.0, 0.7, 3.1e-3, 2.0 ** -20, 1.7e-7, 11.0, 65504.0 / 3, 1.3e30,
+              0.5, 1.5, 2.0 ** -10, 1e-3, 0.33, 7.7, 100.0, 1e4,
+              2.0 ** -24, 0.9999, 1.0001, 3.0, 0.1, 5e-5, 2.5e-2, 600.0]
     C = len(scales)
-    x = every.reshape(1, 1, -1).expand(2, C, -1).contiguous()  # planes: the span kernels
-    if layout == "rows":  # channels_last rows: the row kernels
-        x = x.reshape(2, C, 256, 256).contiguous(memory_format=torch.channels_last)
+    shape = (1, C, *([1] * (1 if layout == "planes" else 2)))
+
+    def spread(t):  # every pattern in each channel of 2 samples
+        t = t.reshape(1, 1, -1).expand(2, C, -1).contiguous()  # planes: the span kernels
+        if layout == "rows":  # channels_last rows: the row kernels
+            t = t.reshape(2, C, 256, 256).contiguous(memory_format=torch.channels_last)
+        return t
+
+    x = spread(every)
+    finite = spread(torch.where(torch.isfinite(every), every, torch.zeros_like(every)))
     # Unit variance (invstd exactly 1), so the weight is the float scale used.
     eps = 0.25
     weight = torch.tensor(scales, dtype=torch.float32)
+    w = weight.view(shape)
     zeros, var = torch.zeros(C), torch.full((C,), 0.75)
-    ref = (x.float() * weight.view(1, C, *([1] * (x.dim() - 2)))).to(dtype)
-    y = torch.ops.normops.batch_norm_elemt(x, weight, None, zeros, var, eps, 0)
-    # With zero input and zero mean gradients, dx = invstd * weight * dy.
-    dx = torch.ops.normops.batch_norm_backward_elemt(
-        x, torch.zeros_like(x), zeros, var, weight, None, zeros, zeros, eps, 0)
-    for got in (y, dx):
+    ops = torch.ops.normops
+    ref = (x.float() * w).to(dtype)
+    results = [
+        (ops.batch_norm_elemt(x, weight, None, zeros, var, eps, 0), ref),
+        (ops.batch_norm_elemt(x, weight, None, zeros, var, eps, 2), torch.nn.functional.relu6(ref)),
+        # With zero input and zero mean gradients, dx = invstd * weight * dy.
+        (ops.batch_norm_backward_elemt(x, torch.zeros_like(x), zeros, var, weight, None, zeros,
+                                       zeros, eps, 0), ref),
+    ]
+    # dy = 1 through the ReLU6 mask at the stored pre-activation
+    # z = (x * weight) rounded to dtype: dx = weight where 0 < z < 6.
+    z = (finite.float() * w).to(dtype)
+    passes = (z > 0) & (z < 6)
+    ones = torch.ones_like(finite)
+    results.append((ops.batch_norm_backward_elemt(ones, finite, zeros, var, weight, None, zeros,
+                                                  zeros, eps, 2),
+                    torch.where(passes, w, 0.0).to(dtype)))
+    for got, expected in results:
         # -0 * s + 0 is +0 in the kernels; torch's product keeps -0.
-        same_bits = got.view(torch.int16) == ref.view(torch.int16)
-        both_nan = torch.isnan(got) & torch.isnan(ref)
-        both_zero = (got == 0) & (ref == 0)
+        same_bits = got.view(torch.int16) == expected.view(torch.int16)
+        both_nan = torch.isnan(got) & torch.isnan(expected)
+        both_zero = (got == 0) & (expected == 0)
         ok = same_bits | both_nan | both_zero
         assert bool(ok.all()), int((~ok).sum())
-        assert torch.isnan(got).sum() == torch.isnan(ref).sum()
-        assert torch.isinf(got).sum() == torch.isinf(ref).sum()
+    sum_dy, _ = ops.batch_norm_backward_reduce(ones, finite, zeros, var, weight, None, eps, 2)
+    assert torch.equal(sum_dy, passes.sum(dim=[0, *range(2, passes.dim())]).float())

@@ -23,7 +23,8 @@ namespace cpu {
 
 // Storage types of reduced-precision inputs, bit-compatible with
 // c10::BFloat16 and c10::Half. Plain bits, converted with integer and float
-// arithmetic that vectorises (GCC converts _Float16 one element at a time).
+// arithmetic that vectorises (GCC converts _Float16 one element at a time),
+// or for float16 with F16C where the build has it (kernels_impl.h).
 struct bf16_t {
   uint16_t bits;
 };

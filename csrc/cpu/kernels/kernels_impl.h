@@ -1,8 +1,9 @@
 // Bodies of the CPU kernel primitives declared in kernels.h. Included by one
 // translation unit per SIMD capability, inside `namespace NORMOPS_CAP`, after
 // that unit has set its target ISA. Elementwise loops are written for the
-// compiler's vectoriser (`omp simd`, no aliasing, unit stride); reductions
-// and register tiles use GCC vector types of NORMOPS_VEC_BYTES.
+// compiler's vectoriser (`omp simd`, no aliasing, unit stride; float16 with
+// F16C a vector at a time, see elementwise()); reductions and register tiles
+// use GCC vector types of NORMOPS_VEC_BYTES.
 //
 // Blocks of kBlockElems elements are reduced with an exact two-pass while they
 // sit in L1/L2, and blocks are combined with Chan's merge: one read of the
@@ -238,6 +239,18 @@ NORMOPS_INLINE vec_t<acc_t<T>> vas_stored(vec_t<acc_t<T>> z) {
     return vload(w);
   }
 }
+// activate, lane by lane (NaN passes, as in activate).
+template <Act act, typename A>
+NORMOPS_INLINE vec_t<A> vactivate(vec_t<A> v) {
+  if (act == Act::None) return v;
+  const vec_t<A> zero = {};
+  v = v < zero ? zero : v;
+  if (act == Act::ReLU6) {
+    const vec_t<A> six = zero + A(6);
+    v = v > six ? six : v;
+  }
+  return v;
+}
 template <Act act, typename A>
 NORMOPS_INLINE vec_t<A> vactivation_grad(vec_t<A> z, vec_t<A> dy) {
   const vec_t<A> zero = {};
@@ -291,10 +304,7 @@ NORMOPS_INLINE A activated(OneLane<A>, A z) {
 }
 template <Act act, typename A>
 NORMOPS_INLINE vec_t<A> activated(AllLanes<A>, vec_t<A> z) {
-  const vec_t<A> zero = {}, six = zero + A(6);
-  if (act == Act::ReLU) return z < zero ? zero : z;
-  if (act == Act::ReLU6) return z < zero ? zero : (z > six ? six : z);
-  return z;
+  return vactivate<act, A>(z);
 }
 template <Act act, typename A>
 NORMOPS_INLINE A masked_grad(OneLane<A>, A z, A dy) {
@@ -1094,17 +1104,6 @@ void layer_norm_backward_rows(const T* dy, const T* x, T* dx, int64_t rows, int6
 
 constexpr int kGemmRows = 6;  // rows of a register tile; 2 vectors of columns
 
-template <Act act, typename A>
-NORMOPS_INLINE vec_t<A> vactivate(vec_t<A> v) {
-  if (act == Act::None) return v;
-  const vec_t<A> zero = {};
-  v = v < zero ? zero : v;
-  if (act == Act::ReLU6) {
-    const vec_t<A> six = zero + A(6);
-    v = v > six ? six : v;
-  }
-  return v;
-}
 
 // An MR x (NV vectors) register tile of c = act(a * wt + bias).
 template <typename A, int MR, int NV, Act act>
