@@ -265,8 +265,8 @@ NORMOPS_INLINE vec_t<A> vactivation_grad(vec_t<A> z, vec_t<A> dy) {
 // constants) and writing with put(lanes, p, v). The one-value form in an
 // `omp simd` loop is what the vectoriser turns into good vector code for
 // float, double and bfloat16. It cannot emit F16C conversions, so with F16C
-// float16 runs a vector at a time: 2-4x fewer instructions than the integer
-// conversions.
+// float16 runs a vector at a time (in L2, 1 thread: 1.6-5x faster than the
+// integer conversions on AVX-512, 2-9x on AVX2).
 template <typename A>
 struct OneLane {};
 template <typename A>
@@ -1103,7 +1103,6 @@ void layer_norm_backward_rows(const T* dy, const T* x, T* dx, int64_t rows, int6
 // above.
 
 constexpr int kGemmRows = 6;  // rows of a register tile; 2 vectors of columns
-
 
 // An MR x (NV vectors) register tile of c = act(a * wt + bias).
 template <typename A, int MR, int NV, Act act>
