@@ -13,7 +13,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as TF
 from torch import Tensor
 
-from .ops._common import below_autograd
+from .ops._common import call
 from .ops.batch_norm import ACTIVATIONS, apply_activation
 
 __all__ = ["batch_norm", "layer_norm", "instance_norm", "group_norm"]
@@ -114,9 +114,8 @@ def batch_norm(
     if not training and running_mean is None:
         raise RuntimeError(
             "batch_norm: running_mean and running_var must be defined in evaluation mode")
-    with below_autograd(input, weight, bias):
-        out, mean, var = ops.batch_norm(
-            input, weight, bias, running_mean, running_var, training, eps, act)
+    out, mean, var = call(ops.batch_norm, input, weight, bias, running_mean, running_var,
+                          training, eps, act)
     if training:
         update_running_stats(running_mean, running_var, mean, var,
                              input.numel() // max(input.size(1), 1), momentum)
@@ -136,8 +135,7 @@ def layer_norm(
     if needs_torch_rules(input, weight, bias):
         return TF.layer_norm(input, normalized_shape, weight, bias, eps)
     _check_floating(input, "layer_norm")
-    with below_autograd(input, weight, bias):
-        return ops.layer_norm(input, list(normalized_shape), weight, bias, eps)[0]
+    return call(ops.layer_norm, input, list(normalized_shape), weight, bias, eps)[0]
 
 
 def group_norm(
@@ -163,8 +161,7 @@ def group_norm(
         raise ValueError(
             "Expected more than 1 value per channel when training, got input size "
             f"{[input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:])}")
-    with below_autograd(input, weight, bias):
-        return ops.group_norm(input, num_groups, weight, bias, eps)[0]
+    return call(ops.group_norm, input, num_groups, weight, bias, eps)[0]
 
 
 def instance_norm(
@@ -193,8 +190,8 @@ def instance_norm(
         if running_mean is None or running_var is None:
             raise ValueError(
                 "Expected running_mean and running_var to be defined when use_input_stats is false")
-        with below_autograd(input, weight, bias):
-            return ops.batch_norm(input, weight, bias, running_mean, running_var, False, eps, 0)[0]
+        return call(ops.batch_norm, input, weight, bias, running_mean, running_var, False, eps,
+                    0)[0]
     if spatial == 1:
         raise ValueError(
             f"Expected more than 1 spatial element when training, got input size {input.size()}")
@@ -205,8 +202,8 @@ def instance_norm(
                 f"instance_norm: expected {name} of shape [{C}], but got {list(t.shape)}")
     # Under autocast torch's instance norm runs in the input dtype (it is a
     # batch norm there), not in group norm's float32.
-    with _autocast_off(input.device.type), below_autograd(input, weight, bias):
-        out, mean, rstd = ops.group_norm(input, C, weight, bias, eps)
+    with _autocast_off(input.device.type):
+        out, mean, rstd = call(ops.group_norm, input, C, weight, bias, eps)
     if input.numel() > 0 and (running_mean is not None or running_var is not None):
         with torch.no_grad():
             # The batch's mean of the per-instance statistics (biased variance

@@ -31,7 +31,7 @@ from torch.nn.modules import module as _module_hooks
 
 from ._fx import fx_leaf
 from .functional import needs_torch_rules, update_running_stats
-from .ops._common import below_autograd, needs_double_backward, torch_grads
+from .ops._common import below_autograd, call, needs_double_backward, torch_grads
 
 ops = torch.ops.normops
 
@@ -173,7 +173,7 @@ def _uses_normops_depthwise(x: Tensor) -> bool:
 
 def _depthwise(h: Tensor, w: Tensor, stride: int) -> Tensor:
     if _uses_normops_depthwise(h):
-        return ops.depthwise_conv3x3(h, w, stride)
+        return call(ops.depthwise_conv3x3, h, w, stride)
     return F.conv2d(h, w, None, stride, 1, 1, w.size(0))
 
 
@@ -201,7 +201,7 @@ def _train_forward(x: Tensor, params, stages, stride: int, residual: bool):
             stats.append(None)
             continue
         pre_norm = conv(h, w)
-        h, mean, var = ops.batch_norm(pre_norm, bw, bb, None, None, True, module.eps, act)
+        h, mean, var = call(ops.batch_norm, pre_norm, bw, bb, None, None, True, module.eps, act)
         stats.append((mean, var, h.numel() // h.size(1)))
     for module, stat in zip(modules, stats):
         if (module is None or not module.training or not module.track_running_stats
@@ -395,7 +395,6 @@ class InvertedResidual(nn.Module):
                 return _train_forward(x, params, stages, stride, self.use_res_connect)[0]
             if not any(batch_stats):
                 folded = self._folded(stages)
-                with below_autograd(x, *folded):
-                    return ops.inverted_residual(x, *folded, stride, self.use_res_connect)
+                return call(ops.inverted_residual, x, *folded, stride, self.use_res_connect)
         y = self.conv(x)
         return x + y if self.use_res_connect else y

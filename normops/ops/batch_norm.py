@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (check_devices, empty_like_channels, empty_param_grad, empty_stats,
-                      needs_double_backward, torch_grads)
+                      needs_double_backward, register_autograd, torch_grads)
 
 ops = torch.ops.normops
 
@@ -94,4 +94,4 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
     return gi, gw, gb, None, None, None, None, None
 
 
-torch.library.register_autograd("normops::batch_norm", _backward, setup_context=_setup_context)
+register_autograd(ops.batch_norm, _backward, _setup_context)

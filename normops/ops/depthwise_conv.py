@@ -4,7 +4,7 @@ convolution when the backward itself is differentiated."""
 import torch
 import torch.nn.functional as F
 
-from ._common import check_devices, needs_double_backward, torch_grads
+from ._common import check_devices, needs_double_backward, register_autograd, torch_grads
 
 ops = torch.ops.normops
 _OP = "normops.depthwise_conv3x3"
@@ -68,5 +68,4 @@ def _backward(ctx, grad_out):
     return (grad_input if needs[0] else None, grad_weight if needs[1] else None, None)
 
 
-torch.library.register_autograd("normops::depthwise_conv3x3", _backward,
-                                setup_context=_setup_context)
+register_autograd(ops.depthwise_conv3x3, _backward, _setup_context)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (affine_norm_backward, check_devices, empty_like_channels,
-                      empty_param_grad, empty_stats)
+                      empty_param_grad, empty_stats, register_autograd)
 
 ops = torch.ops.normops
 
@@ -41,7 +41,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
             g, x, ctx.num_groups, mean, rstd, w, needs))
 
 
-torch.library.register_autograd("normops::group_norm", _backward, setup_context=_setup_context)
+register_autograd(ops.group_norm, _backward, _setup_context)
 
 # torch's autocast policy for group_norm: CUDA casts the inputs to float32 (float32
 # out); CPU autocast leaves it alone. Instance norm,

@@ -5,7 +5,7 @@ kept), so it also serves double backward."""
 import torch
 import torch.nn.functional as F
 
-from ._common import acc_dtype, check_devices, torch_grads
+from ._common import acc_dtype, check_devices, register_autograd, torch_grads
 
 ops = torch.ops.normops
 
@@ -62,5 +62,4 @@ def _backward(ctx, grad_out):
     return (*grads, None, None)
 
 
-torch.library.register_autograd("normops::inverted_residual", _backward,
-                                setup_context=_setup_context)
+register_autograd(ops.inverted_residual, _backward, _setup_context)

@@ -2,7 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from ._common import acc_dtype, affine_norm_backward, check_devices, empty_param_grad
+from ._common import (acc_dtype, affine_norm_backward, check_devices, empty_param_grad,
+                      register_autograd)
 
 ops = torch.ops.normops
 
@@ -41,7 +42,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
             g, x, ctx.normalized_shape, mean, rstd, w, b, needs))
 
 
-torch.library.register_autograd("normops::layer_norm", _backward, setup_context=_setup_context)
+register_autograd(ops.layer_norm, _backward, _setup_context)
 
 # torch's autocast policy for layer_norm: CUDA casts the inputs to float32 (float32
 # out); CPU autocast leaves it alone.
