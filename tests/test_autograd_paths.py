@@ -91,10 +91,34 @@ def test_registered_autograd_gradcheck(name, op, args, diff):
     assert gradgradcheck(f, tensors)
 
 
-def test_no_graph_dispatches_to_the_kernel():
-    x = torch.randn(2, 4, 3, 3)
-    out = call(ops.group_norm, x, 2, None, None, 1e-5)[0]
-    assert out.grad_fn is None
-    with torch.no_grad():
-        out = call(ops.group_norm, x.requires_grad_(), 2, None, None, 1e-5)[0]
-    assert out.grad_fn is None
+class _Refused(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *args):
+        raise AssertionError("the eager autograd.Function was applied")
+
+
+@pytest.mark.parametrize("records", [True, False])
+def test_call_applies_the_function_only_when_a_graph_is_recorded(monkeypatch, records):
+    from normops.ops import _common
+    monkeypatch.setitem(_common._EAGER_FUNCTIONS, ops.group_norm, _Refused)
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    with torch.set_grad_enabled(records):
+        if records:
+            with pytest.raises(AssertionError, match="eager autograd.Function"):
+                call(ops.group_norm, x, 2, None, None, 1e-5)
+        else:
+            assert call(ops.group_norm, x, 2, None, None, 1e-5)[0].grad_fn is None
+    # Tracing records the op itself, with a graph to record or not.
+    traced = torch.jit.trace(lambda t: call(ops.group_norm, t, 2, None, None, 1e-5)[0], (x,))
+    assert "normops::group_norm" in str(traced.graph)
+
+
+def test_jit_trace_and_save_a_module_with_parameters(tmp_path):
+    """torch.jit.trace checks its trace by running it again under no_grad:
+    the graph must hold the ops, not the eager autograd.Function."""
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), normops.nn.GroupNorm(2, 4),
+                            normops.nn.BatchNorm2d(4).eval())
+    x = torch.randn(2, 3, 6, 6)
+    traced = torch.jit.trace(m, (x,))
+    torch.jit.save(traced, tmp_path / "m.pt")
+    torch.testing.assert_close(torch.jit.load(tmp_path / "m.pt")(x), m(x))

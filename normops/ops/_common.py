@@ -140,10 +140,12 @@ def call(op, *args):
     wrapper re-fills the schema defaults and redispatches in Python on every
     call (a batch-norm forward+backward of a tiny tensor: 116 us through the
     wrapper, 80 us through the Function). With no graph to record, straight
-    to the kernel. While tracing (torch.compile, torch.export) and under
-    autocast (whose casts the wrapper's saved inputs must see), the op as it
-    is."""
-    if torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled():
+    to the kernel. While tracing (torch.compile, torch.export,
+    torch.jit.trace: a graph records the op, not a Python Function) and
+    under autocast (whose casts the wrapper's saved inputs must see), the op
+    as it is."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._is_any_autocast_enabled()):
         return op.default(*args)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         return _EAGER_FUNCTIONS[op].apply(*args)
