@@ -68,6 +68,11 @@ for dtype, s, cl in itertools.product((torch.float32, torch.float64), (1, 2), (F
     gy = torch.randn_like(yr)
     for a, b in zip(torch.autograd.grad(y, (x, w), gy), torch.autograd.grad(yr, (x, w), gy)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+# Rows of several two-pass statistics blocks and a partial one.
+for dtype in (torch.float32, torch.float64):
+    x = torch.randn(3, 2 * 4096 + 37, dtype=dtype) * 2 + 100
+    torch.testing.assert_close(NF.layer_norm(x, (x.size(-1),)).double(),
+                               TF.layer_norm(x.double(), (x.size(-1),)), rtol=1e-4, atol=1e-4)
 print("ok")
 """
 
