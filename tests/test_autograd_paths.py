@@ -122,3 +122,18 @@ def test_jit_trace_and_save_a_module_with_parameters(tmp_path):
     traced = torch.jit.trace(m, (x,))
     torch.jit.save(traced, tmp_path / "m.pt")
     torch.testing.assert_close(torch.jit.load(tmp_path / "m.pt")(x), m(x))
+
+
+def test_autocast_keeps_the_registration_only_where_it_casts():
+    """CUDA autocast casts layer and group norm's inputs: those calls keep
+    torch.library's wrapper, which saves the cast inputs (the CUDA tests of
+    test_autocast.py run them). CPU autocast casts none of the ops, so eager
+    calls keep the Function there."""
+    from normops.ops._common import autocast_rule_applies
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for op in (ops.layer_norm, ops.group_norm, ops.batch_norm):
+            assert not autocast_rule_applies(op, "cpu")
+        x = torch.randn(2, 4, 3, 3, requires_grad=True)
+        out = call(ops.group_norm, x, 2, None, None, 1e-5)[0]
+        assert type(out.grad_fn).__name__.endswith("_eagerBackward")
+        assert out.dtype == torch.float32

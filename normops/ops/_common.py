@@ -133,19 +133,34 @@ def register_autograd(op, backward, setup_context) -> None:
                                  "backward": staticmethod(backward)})
 
 
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+def autocast_rule_applies(op, device_type: str) -> bool:
+    """Whether autocast is on for device_type and casts for `op` there: it
+    has an autocast kernel for the device (an unknown device counts as
+    having one)."""
+    if not torch.is_autocast_enabled(device_type):
+        return False
+    key = _AUTOCAST_KEYS.get(device_type)
+    return key is None or torch._C._dispatch_has_kernel_for_dispatch_key(
+        op._qualified_op_name, key)
+
+
 def call(op, *args):
-    """op(*args), every schema argument given positionally, the way the
-    Python layer calls the ops. In eager mode with a graph to record, through
-    the op's autograd.Function from `register_autograd`: torch.library's
-    wrapper re-fills the schema defaults and redispatches in Python on every
-    call (a batch-norm forward+backward of a tiny tensor: 116 us through the
-    wrapper, 80 us through the Function). With no graph to record, straight
-    to the kernel. While tracing (torch.compile, torch.export,
-    torch.jit.trace: a graph records the op, not a Python Function) and
-    under autocast (whose casts the wrapper's saved inputs must see), the op
-    as it is."""
+    """op(*args), every schema argument given positionally, the input tensor
+    first, the way the Python layer calls the ops. In eager mode with a graph
+    to record, through the op's autograd.Function from `register_autograd`:
+    torch.library's wrapper re-fills the schema defaults and redispatches in
+    Python on every call (a batch-norm forward+backward of a tiny tensor: 116
+    us through the wrapper, 80 us through the Function). With no graph to
+    record, straight to the kernel. While tracing (torch.compile,
+    torch.export, torch.jit.trace: a graph records the op, not a Python
+    Function) and where autocast casts the op's inputs (the wrapper saves
+    the cast ones), the op as it is."""
     if (torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch._C._is_any_autocast_enabled()):
+            or (torch._C._is_any_autocast_enabled()
+                and autocast_rule_applies(op, args[0].device.type))):
         return op.default(*args)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         return _EAGER_FUNCTIONS[op].apply(*args)
