@@ -39,3 +39,23 @@ def test_spans_of_several_blocks(name, shape, ours, theirs, dtype):
     (gx,) = torch.autograd.grad(y, x, g.to(dtype))
     (gr,) = torch.autograd.grad(yr, ref, g)
     assert_close(gx, gr, dtype=dtype, grad=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,ours,theirs", [
+    ("group_norm", lambda x: NF.group_norm(x, 4), lambda x: TF.group_norm(x, 4)),
+    ("batch_norm", lambda x: NF.batch_norm(x, None, None, training=True),
+     lambda x: TF.batch_norm(x, None, None, training=True)),
+], ids=["group_norm", "batch_norm"])
+@pytest.mark.parametrize("plane", [(40, 50), (50, 60), (70, 80)], ids=["2000", "3000", "5600"])
+def test_half_gradient_sums_of_long_planes(name, ours, theirs, dtype, plane):
+    """16-bit NCHW planes are widened into a float block for the gradient
+    sums when two fit in it, and summed as they are otherwise: both sides of
+    that limit (2048 values)."""
+    torch.manual_seed(0)
+    x = (torch.randn(3, 8, *plane, dtype=torch.float64) * 2 + 3).to(dtype).requires_grad_()
+    ref = x.detach().double().requires_grad_()
+    g = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    (gx,) = torch.autograd.grad(ours(x), x, g)
+    (gr,) = torch.autograd.grad(theirs(ref), ref, g.double())
+    assert_close(gx, gr, dtype=dtype, grad=True)
