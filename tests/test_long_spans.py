@@ -50,8 +50,9 @@ def test_spans_of_several_blocks(name, shape, ours, theirs, dtype):
 @pytest.mark.parametrize("plane", [(40, 50), (50, 60), (70, 80)], ids=["2000", "3000", "5600"])
 def test_half_gradient_sums_of_long_planes(name, ours, theirs, dtype, plane):
     """16-bit NCHW planes are widened into a float block for the gradient
-    sums when two fit in it, and summed as they are otherwise: both sides of
-    that limit (2048 values)."""
+    sums when two of a span's planes fit in it (batch norm's channels here),
+    and summed as they are otherwise (longer planes; group norm's one plane
+    per call): both sides of that limit (2048 values)."""
     torch.manual_seed(0)
     x = (torch.randn(3, 8, *plane, dtype=torch.float64) * 2 + 3).to(dtype).requires_grad_()
     ref = x.detach().double().requires_grad_()

@@ -872,9 +872,9 @@ void span_grad_sums(const T* dy, const T* x, int64_t len, int64_t stride, int64_
     pending = 0;
   };
   constexpr int64_t kWide = kBlockElems / 2;  // x and dy widened side by side
-  // Widened where at least two runs share a block; a longer run is summed
-  // as it is (widened in registers): copying it first only adds a pass.
-  if (kWidenShortRuns<T> && len > 0 && 2 * len <= kWide) {
+  // Widened where at least two runs share a block; a lone or longer run is
+  // summed as it is (widened in registers): copying it first only adds a pass.
+  if (kWidenShortRuns<T> && len > 0 && count > 1 && 2 * len <= kWide) {
     const int64_t per_block = kWide / len;
     alignas(64) static thread_local A wide_x[kWide], wide_dy[kWide];
     for (int64_t j0 = 0; j0 < count; j0 += per_block) {
