@@ -49,10 +49,10 @@ def empty_param_grad(x, param, wanted, shape):
 
 
 def records_graph(*tensors) -> bool:
-    """True when autograd records a graph through an op on these tensors:
-    grad enabled and one of them requiring grad."""
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors)
+    """True when autograd records a graph through an op on these arguments:
+    grad enabled and one of them a tensor requiring grad (other arguments,
+    None included, are passed over)."""
+    return torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors)
 
 
 def needs_double_backward(*tensors) -> bool:
@@ -162,7 +162,7 @@ def call(op, *args):
             or (torch._C._is_any_autocast_enabled()
                 and autocast_rule_applies(op, args[0].device.type))):
         return op.default(*args)
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+    if records_graph(*args):
         return _EAGER_FUNCTIONS[op].apply(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op.default(*args)
