@@ -228,10 +228,19 @@ struct StreamFence {
 // dst[0, n). With `stream`, through a per-thread buffer in L1, in pieces of
 // whole units of `unit` values (rows), copied out by stream_out; otherwise,
 // and for runs too short to stream, straight into out.
+//
+// Pieces of 4 KB: while a piece is copied out the thread issues no loads, and
+// a layer-norm row of 256 to 1024 values, which the hardware prefetcher alone
+// brings in, then waits on memory. Measured with 16 KB pieces against 4 KB
+// (op level, 2 threads, 640 MB of rotated inputs, interleaved in one
+// process): layer norm 32768x256 forward 2.72 -> 1.65 ms, backward 3.95 ->
+// 2.63 ms (2.87 plain); 8192x1024 forward 2.24 -> 1.83 ms; batch norm NCHW
+// 32x256x56x56 and 32x64x112x112 forward and backward, and layer norm
+// 2048x4096, the same or 2-7% faster.
 template <typename T, typename F>
 void write_output(const Kernels<T>& k, bool stream, T* out, int64_t len, int64_t stride,
                   int64_t count, int64_t unit, const F& produce) {
-  constexpr int64_t kPieceBytes = 16 * 1024, kMinRunBytes = 1024;
+  constexpr int64_t kPieceBytes = 4 * 1024, kMinRunBytes = 1024;
   const int64_t unit_bytes = unit * int64_t(sizeof(T));
   const bool buffered =
       stream && unit_bytes <= kStreamBufferBytes &&
