@@ -52,10 +52,19 @@ Tensor empty_as(const Layout& l, int64_t H, int64_t W) {
   return at::empty({l.v.N, l.v.C, H, W}, l.v.x.options(), format_of(l));
 }
 
-// Weights as the kernels read them: [C][9] for planes, [9][C] for rows.
+// Weights as the kernels read them: [C][9] for planes, [9][C] for rows,
+// transposed in a plain loop: ATen's transposing copy took 15 us for 960
+// channels, a tenth of the convolution of a 7x7 image.
+template <typename A>
 Tensor weight_for(const Tensor& weight, const Layout& l) {
-  Tensor w = weight.reshape({l.v.C, 9});
-  return (l.v.rows ? w.t() : w).contiguous();
+  const Tensor w = weight.contiguous();
+  if (!l.v.rows) return w;
+  Tensor t = at::empty({9, l.v.C}, w.options());
+  const A* src = ptr<const A>(w);
+  A* dst = ptr<A>(t);
+  for (int64_t c = 0; c < l.v.C; ++c)
+    for (int64_t i = 0; i < 9; ++i) dst[i * l.v.C + c] = src[c * 9 + i];
+  return t;
 }
 
 Tensor depthwise_conv3x3(const Tensor& input, const Tensor& weight, int64_t stride) {
@@ -63,10 +72,10 @@ Tensor depthwise_conv3x3(const Tensor& input, const Tensor& weight, int64_t stri
   const Layout l = layout_of(input, stride);
   Tensor out = empty_as(l, l.Ho, l.Wo);
   if (out.numel() == 0) return out;
-  const Tensor w = weight_for(weight, l);
   AT_DISPATCH_FLOATING_TYPES(l.v.x.scalar_type(), kOp, [&] {
     using A = scalar_t;
     const auto& k = kernels<A>();
+    const Tensor w = weight_for<A>(weight, l);
     const A* x = ptr<const A>(l.v.x);
     const A* pw = ptr<const A>(w);
     A* y = ptr<A>(out);
@@ -113,7 +122,7 @@ std::tuple<Tensor, Tensor> depthwise_conv3x3_backward(const Tensor& grad_out, co
     const auto& k = kernels<A>();
     const A* x = ptr<const A>(l.v.x);
     const A* g = ptr<const A>(dy);
-    const Tensor w = weight_for(weight, l);
+    const Tensor w = weight_for<A>(weight, l);
     const A* pw = ptr<const A>(w);
     const int64_t in_image = l.H * l.W * l.v.C, out_image = l.Ho * l.Wo * l.v.C;
     if (output_mask[0] && !empty) {
