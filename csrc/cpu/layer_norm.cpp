@@ -77,7 +77,17 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
       T* pd = need_dx ? ptr<T>(grad_input) : nullptr;
       A* pp = ptr<A>(partial);
       const int64_t grain = std::max<int64_t>(1, 16384 / D);
-      const bool stream = need_dx && stream_output(grad_input);
+      // Rows under 8 KB keep plain stores: streamed, dx was slower, most of
+      // all beside the parameter gradients, whose partial sums the same loop
+      // updates in L1. Op level, 2 threads, with them, plain vs streamed in
+      // one process: 8192x768 2.32 vs 3.21 ms, 8192x1024 3.41 vs 4.46,
+      // 16384x1024 6.87 vs 8.80, 8192x1280 5.93 vs 6.43, 16384x256 1.44 vs
+      // 1.45; longer rows 4096x2048 4.61 vs 4.18, 2048x4096 4.61 vs 4.59,
+      // 8192x4096 18.9 vs 17.5. (NORMOPS_STREAMING_STORES=1 streams them
+      // all, for the tests.)
+      const bool long_rows = D * int64_t(sizeof(T)) >= 8192;
+      const bool stream = need_dx && (long_rows || streaming_mode() == Streaming::Always) &&
+                          stream_output(grad_input);
       const auto rows_to = [&](T* dst, int64_t first, int64_t count, A* dg, A* db) {
         k.layer_norm_backward_rows(pg + first * D, px + first * D, dst, count, D,
                                    ptr<const A>(m) + first, ptr<const A>(r) + first,
