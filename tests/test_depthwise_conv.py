@@ -13,8 +13,12 @@ from helpers import GRAD_TOL, LAYOUTS, TOL, make_input
 
 ops = torch.ops.normops
 
+# Channels_last runs pixel by pixel up to ~227 float channels, by vectors of
+# channels above (csrc/cpu/kernels/kernels_impl.h, depthwise_rows_gather):
+# 245 channels take that path with a tail of channels, and 70 columns two of
+# its column blocks.
 SHAPES = [(2, 3, 5, 7), (1, 17, 1, 1), (3, 16, 8, 8), (2, 33, 9, 4), (1, 5, 2, 3),
-          (2, 24, 13, 11), (1, 1, 6, 1)]
+          (2, 24, 13, 11), (1, 1, 6, 1), (2, 245, 5, 7), (1, 245, 3, 70)]
 
 
 def reference(x, w, stride, g):

@@ -57,13 +57,15 @@ for dtype in (torch.float32, torch.float64):
             torch.testing.assert_close(torch.ops.normops.inverted_residual(*args),
                                        reference(*args), rtol=1e-4, atol=1e-4)
 # The training depthwise convolution: vector bodies and scalar edges (37
-# channels, 19 columns), both strides and layouts.
-for dtype, s, cl in itertools.product((torch.float32, torch.float64), (1, 2), (False, True)):
-    x = torch.randn(2, 37, 11, 19, dtype=dtype, requires_grad=True)
-    w = torch.randn(37, 1, 3, 3, dtype=dtype, requires_grad=True)
+# channels, 19 columns), channels_last's channel order (245 channels, 70
+# columns: two column blocks), both strides and layouts.
+for dtype, s, cl, (C, W) in itertools.product((torch.float32, torch.float64), (1, 2),
+                                               (False, True), ((37, 19), (245, 70))):
+    x = torch.randn(2, C, 11, W, dtype=dtype, requires_grad=True)
+    w = torch.randn(C, 1, 3, 3, dtype=dtype, requires_grad=True)
     xin = x.to(memory_format=torch.channels_last) if cl else x
     y = torch.ops.normops.depthwise_conv3x3(xin, w, s)
-    yr = TF.conv2d(x, w, None, s, 1, 1, 37)
+    yr = TF.conv2d(x, w, None, s, 1, 1, C)
     torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-4)
     gy = torch.randn_like(yr)
     for a, b in zip(torch.autograd.grad(y, (x, w), gy), torch.autograd.grad(yr, (x, w), gy)):
