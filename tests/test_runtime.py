@@ -41,10 +41,11 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             (b,) = torch.autograd.grad(yr, xr, gy)
             torch.testing.assert_close(a.double(), b, **tol)
 # The inverted residual's GEMM and depthwise tiles (hidden 45 and 96: a
-# one-vector last panel, and chunks at batch 1), NCHW and channels_last.
+# one-vector last panel, and chunks at batch 1; 240: the depthwise row in
+# channel order), NCHW and channels_last.
 from normops.ops.inverted_residual import reference
 for dtype in (torch.float32, torch.float64):
-    for (cin, cout, s, t, n) in ((15, 15, 1, 3, 2), (16, 24, 2, 6, 1)):
+    for (cin, cout, s, t, n) in ((15, 15, 1, 3, 2), (16, 24, 2, 6, 1), (40, 40, 1, 6, 2)):
         hid = cin * t
         w = [torch.randn(hid, cin, dtype=dtype) * 0.3, torch.randn(hid, dtype=dtype),
              torch.randn(hid, 3, 3, dtype=dtype) * 0.3, torch.randn(hid, dtype=dtype),

@@ -1168,29 +1168,6 @@ void gemm_bias_act(const A* a, int64_t M, int64_t K, int64_t lda, const A* wt, i
   if (j < N) gemm_panel<A, 1, act>(a, M, K, lda, wt + j, ldw, bias + j, c + j, N);
 }
 
-template <typename A, Act act>
-void depthwise3x3_row(const A* const* rows, int64_t W, int64_t Wo, int64_t stride, int64_t C,
-                      const A* w, int64_t ldw, const A* bias, A* out) {
-  using V = vec_t<A>;
-  constexpr int64_t L = kVecLen<A>;
-  for (int64_t wo = 0; wo < Wo; ++wo) {
-    const int64_t w0 = wo * stride - 1;
-    A* __restrict o = out + wo * C;
-    for (int64_t c = 0; c < C; c += L) {
-      V acc = vload(bias + c);
-      for (int kh = 0; kh < 3; ++kh) {
-        if (rows[kh] == nullptr) continue;
-        for (int kw = 0; kw < 3; ++kw) {
-          const int64_t wi = w0 + kw;
-          if (wi < 0 || wi >= W) continue;
-          acc += vload(w + (kh * 3 + kw) * ldw + c) * vload(rows[kh] + wi * C + c);
-        }
-      }
-      vstore(o + c, vactivate<act, A>(acc));
-    }
-  }
-}
-
 // ---- Depthwise 3x3 convolution (padding 1, stride 1 or 2) for training:
 // forward, and the gradients of input and weight. Output column wo reads
 // input column wo * stride - 1 + kw; the columns whose tap kw lies inside
@@ -1437,12 +1414,12 @@ NORMOPS_INLINE void depthwise_pixel(const A* const* in, const A* const* wt, int 
 
 // Channels_last, channel order: one target pixel at channel c (W = A) or
 // channels [c, c + L) (W = vec_t<A>), from the source rows of taps kh (null:
-// padding) and columns of taps kw (-1: padding), weights w[kh * 3 + kw].
+// padding) and columns of taps kw (-1: padding), weights w[kh * 3 + kw],
+// added to `acc` (zero, or a bias).
 template <typename W, typename A>
 NORMOPS_INLINE W gather_taps(const A* const* rows, const int64_t* cols, int64_t C, int64_t c,
-                             const W* w) {
+                             const W* w, W acc) {
   const W* as = nullptr;
-  W acc{};
   if (rows[0] && rows[1] && rows[2] && cols[0] >= 0 && cols[1] >= 0 && cols[2] >= 0) {
     // An inner pixel: all nine taps, without a test each.
     for (int kh = 0; kh < 3; ++kh)
@@ -1522,13 +1499,53 @@ void depthwise_rows_gather(const A* src, int64_t Hs, int64_t Ws, int64_t C, int6
       for (; c + L <= C; c += L) {
         V wv[9];
         for (int k = 0; k < 9; ++k) wv[k] = vload(wt + k * C + c);
-        for (int64_t t = 0; t < nt; ++t) vstore(o + t * C + c, gather_taps(rows, cols[t], C, c, wv));
+        for (int64_t t = 0; t < nt; ++t) vstore(o + t * C + c, gather_taps(rows, cols[t], C, c, wv, V{}));
       }
       for (; c < C; ++c) {
         A ws[9];
         for (int k = 0; k < 9; ++k) ws[k] = wt[k * C + c];
-        for (int64_t t = 0; t < nt; ++t) o[t * C + c] = gather_taps(rows, cols[t], C, c, ws);
+        for (int64_t t = 0; t < nt; ++t) o[t * C + c] = gather_taps(rows, cols[t], C, c, ws, A(0));
       }
+    }
+  }
+}
+
+template <typename A, Act act>
+void depthwise3x3_row(const A* const* rows, int64_t W, int64_t Wo, int64_t stride, int64_t C,
+                      const A* w, int64_t ldw, const A* bias, A* out) {
+  using V = vec_t<A>;
+  constexpr int64_t L = kVecLen<A>;
+  if (18 * C * int64_t(sizeof(A)) > kPixelOrderBytes) {  // as depthwise_rows_gather
+    int64_t cols[kGatherColumns][3];
+    for (int64_t t0 = 0; t0 < Wo; t0 += kGatherColumns) {
+      const int64_t nt = Wo - t0 < kGatherColumns ? Wo - t0 : kGatherColumns;
+      for (int64_t t = 0; t < nt; ++t)
+        for (int kw = 0; kw < 3; ++kw) cols[t][kw] = tap_row(t0 + t, kw, W, stride);
+      for (int64_t c = 0; c < C; c += L) {
+        V wv[9];
+        for (int k = 0; k < 9; ++k) wv[k] = vload(w + k * ldw + c);
+        const V b = vload(bias + c);
+        for (int64_t t = 0; t < nt; ++t)
+          vstore(out + (t0 + t) * C + c,
+                 vactivate<act, A>(gather_taps(rows, cols[t], C, c, wv, b)));
+      }
+    }
+    return;
+  }
+  for (int64_t wo = 0; wo < Wo; ++wo) {
+    const int64_t w0 = wo * stride - 1;
+    A* __restrict o = out + wo * C;
+    for (int64_t c = 0; c < C; c += L) {
+      V acc = vload(bias + c);
+      for (int kh = 0; kh < 3; ++kh) {
+        if (rows[kh] == nullptr) continue;
+        for (int kw = 0; kw < 3; ++kw) {
+          const int64_t wi = w0 + kw;
+          if (wi < 0 || wi >= W) continue;
+          acc += vload(w + (kh * 3 + kw) * ldw + c) * vload(rows[kh] + wi * C + c);
+        }
+      }
+      vstore(o + c, vactivate<act, A>(acc));
     }
   }
 }
