@@ -15,10 +15,12 @@ ops = torch.ops.normops
 
 # Channels_last runs pixel by pixel up to ~227 float channels, by vectors of
 # channels above (csrc/cpu/kernels/kernels_impl.h, depthwise_rows_gather):
-# 245 channels take that path with a tail of channels, and 70 columns two of
-# its column blocks.
+# 245 channels take that path with a tail of channels (float64 from ~114
+# channels: 120), 70 columns two of its column blocks, and 1-2 rows or columns
+# its edges.
 SHAPES = [(2, 3, 5, 7), (1, 17, 1, 1), (3, 16, 8, 8), (2, 33, 9, 4), (1, 5, 2, 3),
-          (2, 24, 13, 11), (1, 1, 6, 1), (2, 245, 5, 7), (1, 245, 3, 70)]
+          (2, 24, 13, 11), (1, 1, 6, 1), (2, 245, 5, 7), (1, 245, 3, 70), (1, 245, 1, 2),
+          (2, 120, 2, 1)]
 
 
 def reference(x, w, stride, g):

@@ -41,11 +41,13 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             (b,) = torch.autograd.grad(yr, xr, gy)
             torch.testing.assert_close(a.double(), b, **tol)
 # The inverted residual's GEMM and depthwise tiles (hidden 45 and 96: a
-# one-vector last panel, and chunks at batch 1; 240: the depthwise row in
-# channel order), NCHW and channels_last.
+# one-vector last panel, and chunks at batch 1; 240 on one thread, unsplit:
+# the depthwise row in channel order), NCHW and channels_last.
 from normops.ops.inverted_residual import reference
 for dtype in (torch.float32, torch.float64):
     for (cin, cout, s, t, n) in ((15, 15, 1, 3, 2), (16, 24, 2, 6, 1), (40, 40, 1, 6, 2)):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if cin == 40 else threads)
         hid = cin * t
         w = [torch.randn(hid, cin, dtype=dtype) * 0.3, torch.randn(hid, dtype=dtype),
              torch.randn(hid, 3, 3, dtype=dtype) * 0.3, torch.randn(hid, dtype=dtype),
@@ -57,6 +59,7 @@ for dtype in (torch.float32, torch.float64):
             args = (x, *w, s, s == 1 and cin == cout)
             torch.testing.assert_close(torch.ops.normops.inverted_residual(*args),
                                        reference(*args), rtol=1e-4, atol=1e-4)
+        torch.set_num_threads(threads)
 # The training depthwise convolution: vector bodies and scalar edges (37
 # channels, 19 columns), channels_last's channel order (245 channels, 70
 # columns: two column blocks), both strides and layouts.

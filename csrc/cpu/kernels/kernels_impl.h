@@ -1442,9 +1442,11 @@ constexpr int64_t kPixelOrderBytes = 16 * 1024;
 
 // Channels_last image: target rows [r0, r1) (Wt pixels each) of the
 // convolution of src (Hs x Ws x C) with wt (9 x C), or of its transpose,
-// every tap summed in (kh, kw) order. Two loop orders, by the channels:
+// the taps summed in (kh, kw) order (the scalar channel tails of the two
+// orders may still round differently: one contracts to FMA, one does not).
+// Two loop orders, by the channels:
 //  - pixel order, all the channels of a pixel at a time, its nine sources
-//    and weights reread from L1 (fine up to ~200 float channels);
+//    and weights reread from L1 (up to ~227 float channels);
 //  - channel order, a vector of channels at a time across a block of target
 //    columns, its nine weights in registers and the block's sources of that
 //    vector in L1. Pixel order with 960 channels rereads 69 KB from L2 for
