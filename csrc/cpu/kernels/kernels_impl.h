@@ -1437,8 +1437,46 @@ NORMOPS_INLINE W gather_taps(const A* const* rows, const int64_t* cols, int64_t 
 
 // Target columns per block in channel order.
 constexpr int64_t kGatherColumns = 64;
-// Pixel order while a pixel's nine sources and weights fit in half of L1.
-constexpr int64_t kPixelOrderBytes = 16 * 1024;
+
+// Channel order once a pixel's nine sources and weights (18 x C values)
+// outgrow half of L1; pixel order below (see depthwise_rows_gather).
+template <typename A>
+NORMOPS_INLINE bool channel_order(int64_t C) {
+  return 18 * C * int64_t(sizeof(A)) > 16 * 1024;
+}
+
+// One channels_last target row in channel order: out (Wt x C) = act(bias +
+// the taps), bias null for none, from the source rows of taps kh (Ws pixels
+// of C values, null: padding) and weights w (9 rows, ldw apart); a vector of
+// channels at a time across blocks of target columns, its nine weights in
+// registers.
+template <typename A, Act act, bool transposed>
+void channel_order_row(const A* const* rows, int64_t Ws, int64_t Wt, int64_t stride, int64_t C,
+                       const A* w, int64_t ldw, const A* bias, A* out) {
+  using V = vec_t<A>;
+  constexpr int64_t L = kVecLen<A>;
+  int64_t cols[kGatherColumns][3];  // source column of each target column and tap kw
+  for (int64_t t0 = 0; t0 < Wt; t0 += kGatherColumns) {
+    const int64_t nt = Wt - t0 < kGatherColumns ? Wt - t0 : kGatherColumns;
+    for (int64_t t = 0; t < nt; ++t)
+      for (int kw = 0; kw < 3; ++kw) cols[t][kw] = tap_source<transposed>(t0 + t, kw, Ws, stride);
+    A* const o = out + t0 * C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      V wv[9];
+      for (int k = 0; k < 9; ++k) wv[k] = vload(w + k * ldw + c);
+      const V b = bias != nullptr ? vload(bias + c) : V{};
+      for (int64_t t = 0; t < nt; ++t)
+        vstore(o + t * C + c, vactivate<act, A>(gather_taps(rows, cols[t], C, c, wv, b)));
+    }
+    for (; c < C; ++c) {
+      A ws[9];
+      for (int k = 0; k < 9; ++k) ws[k] = w[k * ldw + c];
+      const A b = bias != nullptr ? bias[c] : A(0);
+      for (int64_t t = 0; t < nt; ++t) o[t * C + c] = activate<act>(gather_taps(rows, cols[t], C, c, ws, b));
+    }
+  }
+}
 
 // Channels_last image: target rows [r0, r1) (Wt pixels each) of the
 // convolution of src (Hs x Ws x C) with wt (9 x C), or of its transpose,
@@ -1459,8 +1497,6 @@ constexpr int64_t kPixelOrderBytes = 16 * 1024;
 template <typename A, bool transposed>
 void depthwise_rows_gather(const A* src, int64_t Hs, int64_t Ws, int64_t C, int64_t stride,
                            const A* wt, int64_t r0, int64_t r1, int64_t Wt, A* out) {
-  using V = vec_t<A>;
-  constexpr int64_t L = kVecLen<A>;
   const A* rows[3];  // the source row of each tap kh, null for padding
   const auto set_rows = [&](int64_t r) {
     for (int kh = 0; kh < 3; ++kh) {
@@ -1468,7 +1504,7 @@ void depthwise_rows_gather(const A* src, int64_t Hs, int64_t Ws, int64_t C, int6
       rows[kh] = sr < 0 ? nullptr : src + sr * Ws * C;
     }
   };
-  if (18 * C * int64_t(sizeof(A)) <= kPixelOrderBytes) {
+  if (!channel_order<A>(C)) {
     const A* in[9];
     const A* wk[9];
     for (int64_t r = r0; r < r1; ++r) {
@@ -1489,26 +1525,10 @@ void depthwise_rows_gather(const A* src, int64_t Hs, int64_t Ws, int64_t C, int6
     }
     return;
   }
-  int64_t cols[kGatherColumns][3];  // source column of each target column and tap kw
   for (int64_t r = r0; r < r1; ++r) {
     set_rows(r);
-    for (int64_t t0 = 0; t0 < Wt; t0 += kGatherColumns) {
-      const int64_t nt = Wt - t0 < kGatherColumns ? Wt - t0 : kGatherColumns;
-      for (int64_t t = 0; t < nt; ++t)
-        for (int kw = 0; kw < 3; ++kw) cols[t][kw] = tap_source<transposed>(t0 + t, kw, Ws, stride);
-      A* const o = out + (r * Wt + t0) * C;
-      int64_t c = 0;
-      for (; c + L <= C; c += L) {
-        V wv[9];
-        for (int k = 0; k < 9; ++k) wv[k] = vload(wt + k * C + c);
-        for (int64_t t = 0; t < nt; ++t) vstore(o + t * C + c, gather_taps(rows, cols[t], C, c, wv, V{}));
-      }
-      for (; c < C; ++c) {
-        A ws[9];
-        for (int k = 0; k < 9; ++k) ws[k] = wt[k * C + c];
-        for (int64_t t = 0; t < nt; ++t) o[t * C + c] = gather_taps(rows, cols[t], C, c, ws, A(0));
-      }
-    }
+    channel_order_row<A, Act::None, transposed>(rows, Ws, Wt, stride, C, wt, C, nullptr,
+                                                out + r * Wt * C);
   }
 }
 
@@ -1517,23 +1537,8 @@ void depthwise3x3_row(const A* const* rows, int64_t W, int64_t Wo, int64_t strid
                       const A* w, int64_t ldw, const A* bias, A* out) {
   using V = vec_t<A>;
   constexpr int64_t L = kVecLen<A>;
-  if (18 * C * int64_t(sizeof(A)) > kPixelOrderBytes) {  // as depthwise_rows_gather
-    int64_t cols[kGatherColumns][3];
-    for (int64_t t0 = 0; t0 < Wo; t0 += kGatherColumns) {
-      const int64_t nt = Wo - t0 < kGatherColumns ? Wo - t0 : kGatherColumns;
-      for (int64_t t = 0; t < nt; ++t)
-        for (int kw = 0; kw < 3; ++kw) cols[t][kw] = tap_row(t0 + t, kw, W, stride);
-      for (int64_t c = 0; c < C; c += L) {
-        V wv[9];
-        for (int k = 0; k < 9; ++k) wv[k] = vload(w + k * ldw + c);
-        const V b = vload(bias + c);
-        for (int64_t t = 0; t < nt; ++t)
-          vstore(out + (t0 + t) * C + c,
-                 vactivate<act, A>(gather_taps(rows, cols[t], C, c, wv, b)));
-      }
-    }
-    return;
-  }
+  if (channel_order<A>(C))  // as depthwise_rows_gather
+    return channel_order_row<A, act, false>(rows, W, Wo, stride, C, w, ldw, bias, out);
   for (int64_t wo = 0; wo < Wo; ++wo) {
     const int64_t w0 = wo * stride - 1;
     A* __restrict o = out + wo * C;
