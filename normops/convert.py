@@ -25,10 +25,13 @@ _ACTIVATIONS = {torch.nn.ReLU: "relu", torch.nn.ReLU6: "relu6"}
 def _fuse_activations(seq: torch.nn.Sequential, shared: set) -> None:
     """A BatchNorm2d directly followed by ReLU/ReLU6 in a Sequential becomes a
     BatchNormAct2d; the activation's slot becomes an Identity, so indices and
-    state_dict keys stay. Not when the fusion would show: a batch norm also
-    used elsewhere in the model (`shared` ids) would apply the activation
-    there too, a hook on its output would see the activation's, and the
-    activation's own hooks would no longer run."""
+    state_dict keys stay. Not when the fusion would show: a Sequential
+    subclass with its own forward may skip or reorder its children, a batch
+    norm also used elsewhere in the model (`shared` ids) would apply the
+    activation there too, a hook on its output would see the activation's,
+    and the activation's own hooks would no longer run."""
+    if type(seq).forward is not torch.nn.Sequential.forward:
+        return
     names = list(seq._modules)
     for first, second in zip(names, names[1:]):
         bn, act = seq._modules[first], seq._modules[second]
@@ -81,15 +84,20 @@ def _inverted_residual_stride(module: torch.nn.Module):
     return stride if module.use_res_connect == residual else None
 
 
-def convert(model: torch.nn.Module) -> torch.nn.Module:
+def convert(model: torch.nn.Module, fuse_activations: bool = True) -> torch.nn.Module:
     """Replace, in place, every torch.nn BatchNorm1d/2d/3d, SyncBatchNorm,
     LayerNorm, GroupNorm and InstanceNorm1d/2d/3d in `model` with its normops
     module; turn torchvision-style MobileNetV2 InvertedResidual blocks
-    (recognised by structure) into normops.nn.InvertedResidual; fuse the other
-    BatchNorm2d -> ReLU/ReLU6 pairs of an nn.Sequential into BatchNormAct2d.
-    The modules keep their identity, parameters, buffers, hooks and training
-    flag (only their class changes), so optimizers and state_dict keys are
-    unaffected. Returns `model`."""
+    (recognised by structure) into normops.nn.InvertedResidual; with
+    fuse_activations, fuse the other BatchNorm2d -> ReLU/ReLU6 pairs of an
+    nn.Sequential into BatchNormAct2d. The modules keep their identity,
+    parameters, buffers, hooks and training flag (only their class changes),
+    so optimizers and state_dict keys are unaffected. Returns `model`.
+
+    A fused pair's batch norm applies the activation itself, so code that
+    runs a Sequential only up to it (`seq[:k]`, `seq[i](x)`, iterating over
+    its children to tap features) sees activated outputs: convert such
+    models with fuse_activations=False."""
     seen, shared = set(), set()
     for _, m in model.named_modules(remove_duplicate=False):
         (shared if id(m) in seen else seen).add(id(m))
@@ -101,7 +109,8 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
             block.__class__ = nnops.InvertedResidual
             block.stride, block.memory_efficient = stride, True
     for module in model.modules():
-        if isinstance(module, torch.nn.Sequential) and id(module) not in in_blocks:
+        if (fuse_activations and isinstance(module, torch.nn.Sequential)
+                and id(module) not in in_blocks):
             _fuse_activations(module, shared)
         swap = _SWAPS.get(type(module))
         if swap is not None:

@@ -101,6 +101,38 @@ def test_convert_does_not_fuse_where_the_fusion_would_show():
     assert type(pre[0]) is normops.nn.BatchNormAct2d
 
 
+def test_convert_fuses_only_where_sequential_runs_its_children_in_order():
+    """A Sequential subclass with its own forward may skip the activation;
+    fuse_activations=False keeps every pair apart (for code that slices or
+    indexes the Sequential between a batch norm and its activation)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+
+    class Taps(torch.nn.Sequential):
+        def forward(self, x):
+            return self[1](self[0](x))  # conv and batch norm only
+
+    class Plain(torch.nn.Sequential):  # Sequential's forward: fused
+        pass
+
+    taps = Taps(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    plain = Plain(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    ref = taps(x)
+    assert ref.min() < 0
+    normops.convert(taps)
+    normops.convert(plain)
+    assert type(taps[1]) is normops.nn.BatchNorm2d and type(taps[2]) is torch.nn.ReLU
+    assert_close(taps(x), ref)
+    assert type(plain[1]) is normops.nn.BatchNormAct2d and type(plain[2]) is torch.nn.Identity
+
+    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4),
+                              torch.nn.ReLU()).eval()
+    ref = seq[:2](x)
+    normops.convert(seq, fuse_activations=False)
+    assert type(seq[1]) is normops.nn.BatchNorm2d and type(seq[2]) is torch.nn.ReLU
+    assert_close(seq[:2](x), ref)
+
+
 def test_fx_symbolic_trace_records_modules_as_leaves():
     """torch.fx traces torch.nn's norm modules as leaves; normops' modules
     are recorded as one call each, so FX tools (feature extraction, graph
