@@ -41,6 +41,23 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+def _traced_running_update(update: bool, running_mean: Optional[Tensor],
+                           running_var: Optional[Tensor]) -> bool:
+    """torch.jit.trace records the Python ints of a call as constants, the
+    batch count of the running variance's correction among them: a traced
+    running-statistic update runs torch's op, which counts at run time."""
+    return update and torch.jit.is_tracing() and (
+        running_mean is not None or running_var is not None)
+
+
+def _check_momentum(momentum, name: str) -> None:
+    # torch's argument parser raises this TypeError (the modules' momentum=None
+    # is resolved into a float before the call); a symbolic float under
+    # torch.compile passes.
+    if momentum is None:
+        raise TypeError(f"{name}(): argument 'momentum' must be float, not NoneType")
+
+
 def _activation_code(activation: Optional[str]) -> int:
     if activation not in ACTIVATIONS:
         raise ValueError(
@@ -95,7 +112,9 @@ def batch_norm(
     """torch.nn.functional.batch_norm, optionally followed by a fused ReLU or
     ReLU6."""
     act = _activation_code(activation)
-    if needs_torch_rules(input, running_mean, running_var, weight, bias):
+    _check_momentum(momentum, "batch_norm")
+    if (needs_torch_rules(input, running_mean, running_var, weight, bias)
+            or _traced_running_update(training, running_mean, running_var)):
         return apply_activation(TF.batch_norm(input, running_mean, running_var, weight, bias,
                                               training, momentum, eps), act)
     _check_floating(input, "batch_norm")
@@ -178,7 +197,9 @@ def instance_norm(
     group, computed in the input's layout (channels_last stays
     channels_last). The running statistics are the mean over the batch of the
     per-instance statistics, with the unbiased variance."""
-    if needs_torch_rules(input, running_mean, running_var, weight, bias):
+    _check_momentum(momentum, "instance_norm")
+    if (needs_torch_rules(input, running_mean, running_var, weight, bias)
+            or _traced_running_update(use_input_stats, running_mean, running_var)):
         return TF.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
                                 momentum, eps)
     _check_floating(input, "instance_norm")
@@ -188,13 +209,15 @@ def instance_norm(
     spatial = _values_per_channel([1, 1] + list(input.size()[2:]))
     if not use_input_stats:
         if running_mean is None or running_var is None:
-            raise ValueError(
+            raise RuntimeError(
                 "Expected running_mean and running_var to be defined when use_input_stats is false")
         return call(ops.batch_norm, input, weight, bias, running_mean, running_var, False, eps,
                     0)[0]
     if spatial == 1:
         raise ValueError(
             f"Expected more than 1 spatial element when training, got input size {input.size()}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     C = input.size(1)
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and t.shape != (C,):

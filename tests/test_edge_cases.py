@@ -61,8 +61,43 @@ def test_large_constant_channels_have_zero_variance(layout):
 
 
 def test_one_running_buffer_is_an_error():
-    with pytest.raises(ValueError, match="both be None or neither"):
-        NF.batch_norm(torch.randn(4, 3), torch.zeros(3), None, training=True)
+    for mean, var in ((torch.zeros(3), None), (None, torch.ones(3))):
+        with pytest.raises(ValueError, match="both be None or neither"):
+            NF.batch_norm(torch.randn(4, 3), mean, var, training=True)
+        with pytest.raises(ValueError, match="both be None or neither"):
+            NF.instance_norm(torch.randn(4, 3, 5), mean, var)
+        assert (mean if mean is not None else var - 1).eq(0).all()  # untouched
+
+
+def test_argument_errors_of_torchs_type():
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(TypeError, match="momentum"):
+        NF.batch_norm(x, torch.zeros(3), torch.ones(3), training=True, momentum=None)
+    with pytest.raises(TypeError, match="momentum"):
+        NF.instance_norm(x, momentum=None)
+    with pytest.raises(RuntimeError, match="when use_input_stats is false"):
+        NF.instance_norm(x, use_input_stats=False)
+
+
+@pytest.mark.parametrize("ours,theirs,shape,run_shape", [
+    (lambda: normops.nn.BatchNorm1d(3), lambda: torch.nn.BatchNorm1d(3), (2, 3), (64, 3)),
+    (lambda: normops.nn.BatchNormAct2d(3, activation="relu"),
+     lambda: torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.ReLU()), (2, 3, 1, 1),
+     (8, 3, 2, 3)),
+    (lambda: normops.nn.InstanceNorm1d(3, track_running_stats=True),
+     lambda: torch.nn.InstanceNorm1d(3, track_running_stats=True), (1, 3, 2), (4, 3, 9)),
+])
+def test_jit_trace_counts_the_running_variance_batch_at_run_time(ours, theirs, shape, run_shape):
+    """A traced training step's unbiased running variance uses the batch it
+    runs on, not the one it was traced with, as torch's traced module does."""
+    torch.manual_seed(0)
+    example, x = torch.randn(shape), torch.randn(run_shape)
+    traced = [torch.jit.trace(make(), (example,), check_trace=False) for make in (ours, theirs)]
+    outs = [t(x) for t in traced]
+    torch.testing.assert_close(outs[0], outs[1])
+    buffers = [dict(t.named_buffers()) for t in traced]
+    for name, value in buffers[0].items():
+        torch.testing.assert_close(value, buffers[1][name if name in buffers[1] else "0." + name])
 
 
 @pytest.mark.parametrize("make,shape", [
