@@ -6,7 +6,10 @@
 // and float32 inputs; float64 for float64). Unrequested gradients come back as
 // 0-element tensors. `activation` is 0 (none), 1 (ReLU) or 2 (ReLU6).
 #include <Python.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
+
+#include <cstring>
 
 #include "cpu/kernels/kernels.h"
 
@@ -76,14 +79,56 @@ TORCH_LIBRARY(normops, m) {
 }
 
 // A plain extension module: importing it runs the registrations above. Its
-// only function reports which CPU kernel build is in use.
+// functions report which CPU kernel build is in use and compare weights for
+// the Python caches of values derived from them.
 namespace {
 PyObject* cpu_capability(PyObject*, PyObject*) {
   return PyUnicode_FromString(normops::cpu::cpu_capability_name());
 }
+
+// Whether two CPU tensors hold the same bytes: same dtype and shape, both
+// contiguous (anything else counts as different, which only costs a
+// recomputation). memcmp reads ~4x faster than torch.equal compares.
+bool same_bytes(const at::Tensor& a, const at::Tensor& b) {
+  return a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == b.scalar_type() &&
+         a.sizes() == b.sizes() && a.is_contiguous() && b.is_contiguous() &&
+         std::memcmp(a.const_data_ptr(), b.const_data_ptr(), a.nbytes()) == 0;
+}
+
+PyObject* same_contents(PyObject*, PyObject* args) {
+  PyObject *a = nullptr, *b = nullptr;
+  if (!PyArg_ParseTuple(args, "OO", &a, &b)) return nullptr;
+  PyObject* la = PySequence_Fast(a, "same_contents: expected two sequences of tensors");
+  if (la == nullptr) return nullptr;
+  PyObject* lb = PySequence_Fast(b, "same_contents: expected two sequences of tensors");
+  if (lb == nullptr) {
+    Py_DECREF(la);
+    return nullptr;
+  }
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(la);
+  bool same = n == PySequence_Fast_GET_SIZE(lb);
+  for (Py_ssize_t i = 0; same && i < n; ++i) {
+    PyObject* ta = PySequence_Fast_GET_ITEM(la, i);
+    PyObject* tb = PySequence_Fast_GET_ITEM(lb, i);
+    if (!THPVariable_Check(ta) || !THPVariable_Check(tb)) {
+      Py_DECREF(la);
+      Py_DECREF(lb);
+      PyErr_SetString(PyExc_TypeError, "same_contents: expected two sequences of tensors");
+      return nullptr;
+    }
+    same = same_bytes(THPVariable_Unpack(ta), THPVariable_Unpack(tb));
+  }
+  Py_DECREF(la);
+  Py_DECREF(lb);
+  return PyBool_FromLong(same);
+}
+
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "The CPU kernel build in use: 'default', 'avx2' or 'avx512'."},
+    {"same_contents", same_contents, METH_VARARGS,
+     "same_contents(a, b): whether the tensors of a hold, byte for byte, those of b (CPU, "
+     "contiguous, same dtype and shape)."},
     {nullptr, nullptr, 0, nullptr}};
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
 }  // namespace

@@ -167,6 +167,56 @@ def test_eval_fold_cache_follows_parameter_and_buffer_changes():
         assert_close(ours(x), ref(x))
 
 
+def test_eval_fold_cache_sees_writes_that_bypass_version_counters():
+    """Writes through .data, fused optimizer steps and NumPy views leave the
+    version counters alone: the folded weights must follow them anyway."""
+    torch.manual_seed(0)
+    ours, ref = make_pair((8, 8, 1, 6), torch.float32)
+    ours.eval(), ref.eval()
+    x = make_input((2, 8, 5, 5), torch.float32)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5, fused=True) for m in (ours, ref)]
+    for step in range(3):
+        with torch.no_grad():
+            assert_close(ours(x), ref(x))
+        for m, opt in zip((ours, ref), opts):
+            if step == 0:
+                for p in m.parameters():
+                    p.data.mul_(0.9).add_(0.1)
+            elif step == 1:
+                m.conv[3].running_var.numpy()[:] *= 2
+            else:
+                opt.zero_grad()
+                m(x).square().mean().backward()
+                opt.step()
+    with torch.no_grad():
+        assert_close(ours(x), ref(x))
+
+
+def test_same_contents_compares_bytes():
+    from normops._C import same_contents
+    a = torch.randn(4, 3)
+    assert same_contents([a, a[0]], [a.clone(), a[0].clone()])
+    assert not same_contents([a], [a.double()])          # dtype
+    assert not same_contents([a], [a.view(3, 4)])        # shape
+    assert not same_contents([a.t()], [a.t().clone()])   # not contiguous: no claim
+    assert not same_contents([a], [a, a])
+    b = a.clone()
+    b[1, 2] += 1
+    assert not same_contents([a], [b])
+    with pytest.raises(TypeError):
+        same_contents([a], [1])
+
+
+def test_momentum_none_without_batch_count_leaves_running_stats():
+    """torch's factor for momentum=None without num_batches_tracked is 0."""
+    ours, ref = make_pair((8, 8, 1, 6))
+    for m in (ours, ref):
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.momentum, bn.num_batches_tracked = None, None
+    _train_compare(ours, ref, make_input((2, 8, 5, 5), torch.float64), torch.float64, steps=1)
+
+
 def test_eval_gradients_flow_to_parameters_and_input():
     ours, ref = make_pair((8, 8, 1, 6))
     ours.eval(), ref.eval()
