@@ -13,6 +13,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -66,11 +67,20 @@ inline std::tuple<Tensor, Tensor, Tensor> dx_coefficients_aten(const Folded& f,
 inline void check_running(const Tensor& mean, const OptTensor& running, const char* name) {
   if (!present(running)) return;
   check_same_device(mean, *running, kOp, name);
-  TORCH_CHECK(running->dim() == 1 && running->numel() == mean.numel() && running->is_contiguous() &&
+  TORCH_CHECK(running->dim() == 1 && running->numel() == mean.numel() &&
                   at::isFloatingType(running->scalar_type()),
-              kOp, ": expected ", name, " to be a contiguous floating point vector of ",
-              mean.numel(), " values, but got ", running->scalar_type(), " of shape ",
-              running->sizes());
+              kOp, ": expected ", name, " to be a floating point vector of ", mean.numel(),
+              " values, but got ", running->scalar_type(), " of shape ", running->sizes());
+  TORCH_CHECK(at::has_internal_overlap(*running) != at::MemOverlap::Yes, kOp, ": ", name,
+              " is updated in place, but some of its elements share memory (an expanded "
+              "tensor?)");
+}
+
+// A strided running buffer (a slice of a larger one) is updated through a
+// dense copy, written back: the kernels index it densely.
+inline OptTensor dense_running(const OptTensor& running) {
+  return present(running) && !running->is_contiguous() ? OptTensor(running->contiguous())
+                                                         : running;
 }
 
 template <class B>
@@ -234,11 +244,16 @@ struct BatchNormOps {
     if (count <= 0 || mean.numel() == 0 || (!present(running_mean) && !present(running_var)))
       return;
     const double unbias = double(count) / double(std::max<int64_t>(count - 1, 1));
-    B::update_running(running_mean, running_var, mean, var, momentum, unbias);
+    const OptTensor dense_mean = dense_running(running_mean), dense_var = dense_running(running_var);
+    B::update_running(dense_mean, dense_var, mean, var, momentum, unbias);
     // A kernel's write is invisible to autograd: bump the version counters as
     // an ATen in-place op does (caches keyed on them, saved-tensor checks).
-    for (const OptTensor* t : {&running_mean, &running_var})
-      if (present(*t)) (*t)->unsafeGetTensorImpl()->bump_version();
+    for (const auto& [t, dense] : {std::make_pair(&running_mean, &dense_mean),
+                                   std::make_pair(&running_var, &dense_var)}) {
+      if (!present(*t)) continue;
+      if (!(*t)->is_same(**dense)) (*t)->copy_(**dense);
+      (*t)->unsafeGetTensorImpl()->bump_version();
+    }
   }
 
 };

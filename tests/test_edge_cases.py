@@ -179,3 +179,25 @@ def test_batch_norm_eps_must_be_positive():
     with pytest.raises(ValueError, match="eps must be non-negative"):
         m(x)
     assert torch.equal(m.running_mean, torch.zeros(3))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_strided_running_buffers_are_read_and_updated(training):
+    """Running statistics that are slices of larger buffers work as in torch;
+    an expanded one (elements sharing memory) cannot be updated in place."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5)
+    ours, ref = torch.rand(2, 6), torch.empty(2, 6)
+    ref.copy_(ours)
+    out = NF.batch_norm(x, ours[0, ::2], ours[1, ::2], training=training)
+    expected = torch.nn.functional.batch_norm(x, ref[0, ::2], ref[1, ::2], training=training)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(ours, ref)
+    NF.instance_norm(x, ours[0, 1::2], ours[1, 1::2])
+    torch.nn.functional.instance_norm(x, ref[0, 1::2], ref[1, 1::2])
+    torch.testing.assert_close(ours, ref)
+    if training:
+        var = torch.ones(3)
+        with pytest.raises(RuntimeError, match="share memory"):
+            NF.batch_norm(x, torch.zeros(1).expand(3), var, training=True)
+        assert var.eq(1).all()
