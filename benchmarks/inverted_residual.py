@@ -1,7 +1,7 @@
 """Benchmark the fused MobileNetV2 inverted residual against the torch.nn block.
 
     python -m benchmarks.inverted_residual [--full] [--threads N] [--compile]
-                                           [--no-network] [--out DIR]
+                                           [--no-network] [--device cpu|cuda] [--out DIR]
 
 For MobileNetV2 blocks (shapes.json; the quick default takes three of them,
 --full all twelve) at batch 1 and 32, 224x224 network input, NCHW and
@@ -20,6 +20,12 @@ layout on torch.nn, tests/reference_models.py): eval forward at batch 1 and
 32, and one training step at batch 32, whose peak resident memory is measured
 in a fresh subprocess per model (its peak resident size, VmHWM, minus the
 resident size before the step). Medians; `x eager` > 1 means normops is faster.
+
+--device cuda times with CUDA events and measures the network's peak with
+torch.cuda.max_memory_allocated; there normops trains on its batch-norm
+kernels and torch's convolutions, and evaluates through the submodules (the
+fused eval op is CPU only), so its eval column shows what folding by hand
+would gain.
 """
 import sys
 
@@ -55,14 +61,14 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def _blocks(cfg):
+def _blocks(cfg, device):
     torch.manual_seed(0)
     ref = reference_models.randomize_norms(reference_models.InvertedResidual(*cfg))
     ours = normops.nn.InvertedResidual(*cfg)
     ours.load_state_dict(ref.state_dict())
     keep = normops.nn.InvertedResidual(*cfg, memory_efficient=False)
     keep.load_state_dict(ref.state_dict())
-    return ours, keep, ref
+    return ours.to(device), keep.to(device), ref.to(device)
 
 
 def _hand_folded(block):
@@ -81,10 +87,10 @@ def _train_step(module, x, g):
     return step
 
 
-def run_block(cfg, batch, layout, sampling, timer, with_compile):
+def run_block(cfg, batch, layout, sampling, timer, with_compile, device="cpu"):
     inp, oup, stride, t, H, W = cfg
-    ours, keep, ref = _blocks((inp, oup, stride, t))
-    x = torch.randn(batch, inp, H, W).contiguous(memory_format=LAYOUTS[layout])
+    ours, keep, ref = _blocks((inp, oup, stride, t), device)
+    x = torch.randn(batch, inp, H, W, device=device).contiguous(memory_format=LAYOUTS[layout])
     flops = batch * (H * W * inp * inp * t * 2 * (t != 1)
                      + (H // stride) * (W // stride) * inp * t * (18 + 2 * oup))
     rows = []
@@ -108,7 +114,7 @@ def run_block(cfg, batch, layout, sampling, timer, with_compile):
                  "normops_gflops": flops / med["normops"] / 1e6})
     for m in (ours, keep, ref):
         m.train()
-    g = torch.randn(ref(x).shape).contiguous(memory_format=LAYOUTS[layout])
+    g = torch.randn(ref(x).shape, device=device).contiguous(memory_format=LAYOUTS[layout])
     times = measure({"normops": _train_step(ours, x, g), "normops_keep": _train_step(keep, x, g),
                      "eager": _train_step(ref, x, g)}, timer, sampling)
     med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
@@ -156,14 +162,28 @@ def peak_train_memory(ours: bool, batch: int, threads: int) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 2**20
 
 
-def run_network(sampling, timer, threads):
+def peak_cuda_train_memory(model, x) -> float:
+    """The training step's peak of allocated CUDA memory above what was
+    allocated before it, MB."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model(x).sum().backward()
+    torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def run_network(sampling, timer, threads, device="cpu"):
     torch.manual_seed(0)
     ref = reference_models.randomize_norms(reference_models.MobileNetV2())
     ours = normops.models.mobilenet_v2()
     ours.load_state_dict(ref.state_dict())
+    ours, ref = ours.to(device), ref.to(device)
     rows = []
     for batch in (1, 32):
-        x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+        x = torch.randn(batch, 3, 224, 224, device=device).contiguous(
+            memory_format=torch.channels_last)
         ours.eval(), ref.eval()
         with torch.no_grad():
             times = measure({"normops": lambda _: ours(x), "eager": lambda _: ref(x)}, timer,
@@ -171,14 +191,18 @@ def run_network(sampling, timer, threads):
         med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
         rows.append({"pass": "eval", "batch": batch, **{f"{k}_ms": v for k, v in med.items()},
                      "x_eager": med["eager"] / med["normops"]})
-    x = torch.randn(32, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(32, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     ours.train(), ref.train()
     times = measure({"normops": lambda _: ours(x).sum().backward(),
                      "eager": lambda _: ref(x).sum().backward()}, timer,
                     type(sampling)(1, 3, 5, 1.0))
     med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-    peak = {k: peak_train_memory(k == "normops", 32, threads) for k in ("normops", "eager")}
-    rows.append({"pass": "train", "batch": 32, **{f"{k}_ms": v for k, v in med.items()},
+    if device == "cuda":
+        peak = {"normops": peak_cuda_train_memory(ours, x), "eager": peak_cuda_train_memory(ref, x)}
+    else:
+        peak = {k: peak_train_memory(k == "normops", 32, threads) for k in ("normops", "eager")}
+    rows.append({"pass": "train", "batch": 32, "device": device,
+                 **{f"{k}_ms": v for k, v in med.items()},
                  "x_eager": med["eager"] / med["normops"],
                  **{f"{k}_peak_mb": v for k, v in peak.items()},
                  "peak_ratio": peak["normops"] / peak["eager"]})
@@ -220,7 +244,8 @@ def print_tables(rows, network):
           f" (keep: {np.exp(np.mean([np.log(r['x_eager_keep']) for r in trains])):.2f}); "
           f"largest saved ratio = {max(r['saved_ratio'] for r in trains):.3f}")
     for r in network:
-        extra = (f", peak RSS {r['normops_peak_mb']:.0f} MB vs {r['eager_peak_mb']:.0f} MB "
+        peak = "RSS" if r.get("device") == "cpu" else "allocated"
+        extra = (f", peak {peak} {r['normops_peak_mb']:.0f} MB vs {r['eager_peak_mb']:.0f} MB "
                  f"({r['peak_ratio']:.2f})" if r["pass"] == "train" else "")
         print(f"mobilenet_v2 {r['pass']} batch {r['batch']}: normops {r['normops_ms']:.1f} ms, "
               f"eager {r['eager_ms']:.1f} ms, x{r['x_eager']:.2f}{extra}")
@@ -233,20 +258,23 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--compile", action="store_true", help="also torch.compile (slow to build)")
     p.add_argument("--no-network", action="store_true", help="skip the whole-network cases")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = json.loads((HERE / "shapes.json").read_text())["inverted_residual"]["mobilenet_v2"]
     blocks = [tuple(b) for b in shapes] if args.full else QUICK_BLOCKS
-    sampling, timer = (FULL if args.full else QUICK), make_timer("cpu")
+    sampling, timer = (FULL if args.full else QUICK), make_timer(args.device)
     rows = []
     for cfg in blocks:
         for batch in (1, 32):
             for layout in LAYOUTS:
                 log(f"block {cfg} batch {batch} {layout}")
-                rows += run_block(cfg, batch, layout, sampling, timer, args.compile)
-    network = [] if args.no_network else run_network(sampling, timer, args.threads)
-    print(f"float32, {args.threads} threads, normops CPU kernels {normops.cpu_capability()}")
+                rows += run_block(cfg, batch, layout, sampling, timer, args.compile, args.device)
+    network = [] if args.no_network else run_network(sampling, timer, args.threads, args.device)
+    where = (torch.cuda.get_device_name() if args.device == "cuda"
+             else f"{args.threads} threads, normops CPU kernels {normops.cpu_capability()}")
+    print(f"float32, {where}")
     print_tables(rows, network)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "inverted_residual.json"

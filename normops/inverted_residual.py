@@ -15,9 +15,12 @@ its forward differs:
   the unfused block does (more memory, no recomputation), and so does
   torch.compile, which cannot trace the recomputing backward.
 
-Any other configuration (a norm layer that is not a BatchNorm2d, a changed
-sub-module, hooks on a sub-module (pruning, weight norm, observers), eval
-without running statistics, a device without the kernel, torch.func
+Training runs where normops' batch-norm ops have kernels (CPU, and CUDA in a
+CUDA build, there with torch's convolutions throughout); the fused eval op
+is CPU only. Any other configuration (a norm layer that is not a
+BatchNorm2d, a changed sub-module, hooks on a sub-module (pruning, weight
+norm, observers), eval without running statistics, a device without the
+kernel, torch.func
 transforms and forward-mode AD) runs the unfused submodules, exactly as
 torchvision's block does.
 """
@@ -167,6 +170,19 @@ def _check_values_per_channel(x: Tensor, stages, stride: int) -> None:
         if size[0] * size[2] * size[3] == 1:
             raise ValueError("Expected more than 1 value per channel when training, got input "
                              f"size {torch.Size(size)}")
+
+
+def _kernel_devices(op: str) -> frozenset:
+    """The device types for which torch.ops.normops.<op> has a kernel (the
+    extension registered them on import)."""
+    return frozenset(d for d in ("cpu", "cuda")
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"normops::{op}", d.upper()))
+
+
+# Training runs on the batch-norm ops (CPU; CUDA in a CUDA build), eval on the
+# fused op (CPU).
+_TRAIN_DEVICES = _kernel_devices("batch_norm")
+_EVAL_DEVICES = _kernel_devices("inverted_residual")
 
 
 def _uses_normops_depthwise(x: Tensor) -> bool:
@@ -383,7 +399,7 @@ class InvertedResidual(nn.Module):
     @fx_leaf
     def forward(self, x: Tensor) -> Tensor:
         found = block_stages(self.conv)
-        if (found is not None and x.dim() == 4 and x.device.type == "cpu"
+        if (found is not None and x.dim() == 4 and x.device.type in _TRAIN_DEVICES
                 and not _runs_hooks(self.conv) and not self._needs_torch_rules(x)):
             stages, stride = found
             norms = [bn for _, bn in filter(None, stages)]
@@ -402,7 +418,7 @@ class InvertedResidual(nn.Module):
                     return _RecomputedTrainBlock.apply(stages, stride, self.use_res_connect, x,
                                                        *params)
                 return _train_forward(x, params, stages, stride, self.use_res_connect)[0]
-            if not any(batch_stats):
+            if not any(batch_stats) and x.device.type in _EVAL_DEVICES:
                 folded = self._folded(stages)
                 return call(ops.inverted_residual, x, *folded, stride, self.use_res_connect)
         y = self.conv(x)

@@ -3,7 +3,8 @@
 # tool's machine: torch with CUDA, ninja, pytest preinstalled):
 #   scripts/gpu_check.sh LOG_DIR [STEP...]
 # builds normops for sm_90 (TORCH_CUDA_ARCH_LIST, default 9.0), runs the test
-# suite on CUDA, the CUDA benchmarks (float32, and bfloat16 layer norm), the
+# suite on CUDA, the CUDA benchmarks (float32, the inverted residual, and
+# bfloat16 layer norm), the
 # kernels and device time of a training step (benchmarks/cuda_launches.py),
 # and compute-sanitizer (memcheck, racecheck) over a small CUDA test set;
 # STEPs pick a subset (default: all, in the order below). Every step logs to
@@ -14,7 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${1:?usage: scripts/gpu_check.sh LOG_DIR [STEP...]}
 shift
-STEPS=" ${*:-build tests launches bench bench_bf16 memcheck racecheck} "
+STEPS=" ${*:-build tests launches bench bench_ir bench_bf16 memcheck racecheck} "
 mkdir -p "$LOG"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}   # the device image has python3, not python
@@ -48,6 +49,9 @@ step launches 60 $PY -m benchmarks.cuda_launches
 # The tables are in the logs; the csv/json/png go beside (the device tool
 # returns at most 8 files).
 step bench 150 $PY -m benchmarks.run --device cuda --out "${BENCH_OUT:-/tmp/normops-bench}"
+# The inverted residual's CUDA training (batch-norm kernels, torch's convolutions,
+# the recomputing backward) and the whole network's peak memory.
+step bench_ir 90 $PY -m benchmarks.inverted_residual --device cuda --out "${BENCH_OUT:-/tmp/normops-bench}"
 step bench_bf16 90 $PY -m benchmarks.run --device cuda --dtype bfloat16 --ops ln,bn \
   --out "${BENCH_OUT:-/tmp/normops-bench}"
 if command -v compute-sanitizer > /dev/null; then

@@ -1,4 +1,5 @@
 """CUDA-specific cases (skipped without a GPU): large half-precision inputs,
+the inverted residual's CUDA training path,
 channels_last, a non-default stream, CUDA graphs through
 torch.compile(mode="reduce-overhead"), more rows than a grid dimension
 holds, misaligned storage (no 16-byte accesses), more than 2^31 elements
@@ -133,3 +134,34 @@ def test_more_than_2_31_elements():
     ref = TF.batch_norm(x.float(), None, None, training=True)
     for rows in (slice(0, 4096), slice(-4096, None)):
         assert_close(y[rows].float(), ref[rows], torch.bfloat16)
+
+
+@pytest.mark.parametrize("cfg", [(16, 16, 1, 6), (16, 24, 2, 6), (8, 12, 1, 1)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["recompute", "keep"])
+def test_inverted_residual_on_cuda_matches_torch_nn(cfg, layout, memory_efficient):
+    """Training runs normops' batch-norm ops and torch's convolutions on
+    CUDA (the recomputing backward by default); eval runs the submodules."""
+    import reference_models
+    from helpers import step_and_compare
+    torch.manual_seed(0)
+    ref = reference_models.randomize_norms(reference_models.InvertedResidual(*cfg))
+    ours = normops.nn.InvertedResidual(*cfg, memory_efficient=memory_efficient)
+    ours.load_state_dict(ref.state_dict())
+    ours, ref = ours.double().cuda(), ref.double().cuda()
+    x = make_input((3, cfg[0], 9, 7), torch.float64, "cuda", layout)
+    step_and_compare(ours, ref, x, steps=2)
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        assert_close(ours(x), ref(x))
+
+
+def test_inverted_residual_training_saves_little_on_cuda():
+    import reference_models
+    cfg = (24, 24, 1, 6)
+    ref = reference_models.InvertedResidual(*cfg).cuda()
+    ours = normops.nn.InvertedResidual(*cfg).cuda()
+    x = torch.randn(4, 24, 28, 28, device="cuda").requires_grad_()
+    ours_bytes = reference_models.saved_activation_bytes(ours, x)
+    ref_bytes = reference_models.saved_activation_bytes(ref, x)
+    assert ours_bytes <= 0.2 * ref_bytes, (ours_bytes, ref_bytes)
