@@ -27,7 +27,10 @@ def _bias_kwarg(bias: bool) -> dict:
 class _BatchNormForward:
     """torch's _BatchNorm.forward on normops.functional.batch_norm, with the
     module's fused activation (None for plain batch norm). num_batches_tracked
-    moves only once the op has succeeded."""
+    moves only once the op has succeeded, except inside torch.func
+    transforms: there torch's op updates the running statistics in place, and
+    an in-place update of a captured buffer raises, so the counter moves
+    first, as in torch, which keeps a refused call from moving anything."""
 
     activation: Optional[str] = None
 
@@ -38,6 +41,9 @@ class _BatchNormForward:
         momentum = 0.0 if self.momentum is None else self.momentum
         if tracking and self.num_batches_tracked is not None and self.momentum is None:
             momentum = 1.0 / float(self.num_batches_tracked + 1)
+        count_first = tracking and F.needs_torch_rules(input)
+        if count_first and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_buffers = not self.training or self.track_running_stats
         out = self._batch_norm(
@@ -45,7 +51,7 @@ class _BatchNormForward:
             self.running_mean if pass_buffers else None,
             self.running_var if pass_buffers else None,
             use_batch_stats, momentum)
-        if tracking and self.num_batches_tracked is not None:
+        if tracking and not count_first and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         return out
 

@@ -201,3 +201,15 @@ def test_strided_running_buffers_are_read_and_updated(training):
         with pytest.raises(RuntimeError, match="share memory"):
             NF.batch_norm(x, torch.zeros(1).expand(3), var, training=True)
         assert var.eq(1).all()
+
+
+def test_refused_update_inside_torch_func_moves_nothing():
+    """Inside jacrev the running-stat update of a captured buffer is refused:
+    as with torch's module, neither the statistics nor the counter move."""
+    from torch.func import jacrev
+    for make in (torch.nn.BatchNorm1d, normops.nn.BatchNorm1d):
+        m = make(3).train()
+        with pytest.raises(RuntimeError):
+            jacrev(m)(torch.randn(4, 3))
+        assert m.running_mean.eq(0).all() and m.running_var.eq(1).all()
+        assert m.num_batches_tracked == 0
