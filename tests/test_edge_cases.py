@@ -213,3 +213,29 @@ def test_refused_update_inside_torch_func_moves_nothing():
             jacrev(m)(torch.randn(4, 3))
         assert m.running_mean.eq(0).all() and m.running_var.eq(1).all()
         assert m.num_batches_tracked == 0
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("channels", [3, 16, 144])
+def test_statistics_of_extreme_values(layout, channels):
+    """A spread of 1e17 in float32 (squares near 1e34) keeps its variance,
+    and an Inf or NaN makes its channel's statistics NaN, as in torch,
+    rather than a variance clamped to 0."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = (torch.randn(4, channels, 8, 8, dtype=torch.float64) * 1e17).float()
+    x = x.contiguous(memory_format=fmt)
+    ref = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
+    torch.testing.assert_close(NF.batch_norm(x, None, None, training=True).double(), ref,
+                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(NF.group_norm(x, 1).double(),
+                               torch.nn.functional.group_norm(x.double(), 1), rtol=0, atol=1e-4)
+    for bad in (float("inf"), float("nan")):
+        x = torch.randn(2, channels, 4, 4)
+        x[0, 1, 1, 1] = bad
+        x = x.contiguous(memory_format=fmt)
+        mean, var = torch.zeros(channels), torch.ones(channels)
+        y = NF.batch_norm(x, mean, var, training=True)
+        assert var[1].isnan() and y[:, 1].isnan().all()
+        assert var[torch.arange(channels) != 1].isfinite().all()
+        assert NF.group_norm(x, channels)[0, 1].isnan().all()

@@ -444,9 +444,10 @@ NORMOPS_INLINE void block_moments(const T* x, int64_t len, int64_t stride, int64
   centred.total(qd);
   const A q = qd[0], dsum = qd[1];
   mean = bm;
-  // The correction can round below zero for constant data.
-  const A corrected = q - dsum * dsum / n;
-  m2 = corrected > A(0) ? corrected : A(0);
+  // The correction can round below zero for constant data; NaN (an Inf or
+  // NaN input) stays NaN. (dsum / n) * dsum: dsum^2 alone overflows first.
+  const A corrected = q - dsum / n * dsum;
+  m2 = corrected < A(0) ? A(0) : corrected;
 }
 
 // Half-precision runs shorter than a block are widened into one contiguous
@@ -717,7 +718,10 @@ NORMOPS_INLINE void period_moment_sums(const T* x, int64_t elems, const acc_t<T>
 // Chan-merged. Shifting by a member of the block bounds the cancellation of
 // sum(d^2) - sum(d)^2 / n: that member lies at most sqrt(n - 1) standard
 // deviations from the block mean (Samuelson), so the lost digits are at most
-// log10(n) for n <= 128 rows, whatever the mean.
+// log10(n) for n <= 128 rows, whatever the mean. The correction is formed as
+// (sum(d) / n) * sum(d), which stays finite wherever sum(d^2) does (sum(d)^2
+// overflowed float32 at a spread of 1e17), and an Inf or NaN input leaves a
+// NaN m2, as torch's, rather than one clamped to 0.
 template <typename T>
 void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc_t<T>* mean,
                     acc_t<T>* m2, acc_t<T>* scratch) {
@@ -775,8 +779,8 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
       NORMOPS_SIMD
       for (int64_t c = 0; c < C; ++c) {
         om[c] = sh[c] + s[c] * inv;
-        const A block_m2 = q[c] - s[c] * s[c] * inv;
-        oq[c] = block_m2 > A(0) ? block_m2 : A(0);
+        const A block_m2 = q[c] - s[c] * inv * s[c];
+        oq[c] = block_m2 < A(0) ? A(0) : block_m2;
       }
     } else {
       const A wb = A(n) / (count + A(n)), w = count * wb;
@@ -784,8 +788,8 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
       for (int64_t c = 0; c < C; ++c) {
         const A delta = sh[c] + s[c] * inv - om[c];
         om[c] += delta * wb;
-        const A block_m2 = q[c] - s[c] * s[c] * inv;
-        oq[c] += (block_m2 > A(0) ? block_m2 : A(0)) + delta * delta * w;
+        const A block_m2 = q[c] - s[c] * inv * s[c];
+        oq[c] += (block_m2 < A(0) ? A(0) : block_m2) + delta * delta * w;
       }
     }
     count += A(n);
