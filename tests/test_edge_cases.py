@@ -239,3 +239,22 @@ def test_statistics_of_extreme_values(layout, channels):
         assert var[1].isnan() and y[:, 1].isnan().all()
         assert var[torch.arange(channels) != 1].isfinite().all()
         assert NF.group_norm(x, channels)[0, 1].isnan().all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float64_backward_at_a_huge_spread(layout):
+    """rstd^3 underflows double at a spread of 1e105: the input gradient's
+    correction term must not vanish."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = (torch.randn(2, 4, 5, 6, dtype=torch.float64) * 1e110).contiguous(memory_format=fmt)
+    g = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    TF = torch.nn.functional
+    for ours, theirs in ((lambda t: NF.batch_norm(t, None, None, training=True),
+                          lambda t: TF.batch_norm(t, None, None, training=True)),
+                         (lambda t: NF.group_norm(t, 2), lambda t: TF.group_norm(t, 2)),
+                         (NF.instance_norm, lambda t: TF.instance_norm(t.contiguous()))):
+        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        do, = torch.autograd.grad(ours(xo), xo, g)
+        dt, = torch.autograd.grad(theirs(xt), xt, g)
+        torch.testing.assert_close(do, dt, rtol=1e-10, atol=1e-10 * dt.abs().max().item())
