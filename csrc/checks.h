@@ -106,6 +106,8 @@ inline void check_layer_norm_backward(const Tensor& grad_out, const Tensor& inpu
               op, ": expected grad_output of the input's shape and dtype");
   TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows, op,
               ": expected mean and rstd with one value per row (", rows, ")");
+  check_same_device(input, mean, op, "mean");
+  check_same_device(input, rstd, op, "rstd");
 }
 
 // Shape of layer norm's mean and rstd: the leading dims, then ones.

@@ -55,6 +55,8 @@ struct GroupNormOps {
     const int64_t N = input.size(0), G = groups;
     TORCH_CHECK(mean.numel() == N * G && rstd.numel() == N * G, kOp,
                 ": expected mean and rstd of shape [", N, ", ", G, "]");
+    check_same_device(input, mean, kOp, "mean");
+    check_same_device(input, rstd, kOp, "rstd");
     ChannelView v = channel_view(input);
     return B::backward(v, G, match_layout(grad_out, v), mean, rstd, weight, output_mask);
   }

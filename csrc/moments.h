@@ -33,11 +33,19 @@ struct Moments {
   A m2;  // sum of squared deviations from the mean
 };
 
-// Chan, Golub & LeVeque: merge the moments of two disjoint samples.
+// Chan, Golub & LeVeque: merge the moments of two disjoint samples. Into an
+// empty one it copies: delta^2 * 0 would be NaN once |mean| > ~1.8e19 in
+// float32.
 template <typename A>
 NORMOPS_HD void chan_merge(A& count, A& mean, A& m2, A count_b, A mean_b, A m2_b) {
   const A n = count + count_b;
   if (count_b == A(0)) return;
+  if (count == A(0)) {
+    count = count_b;
+    mean = mean_b;
+    m2 = m2_b;
+    return;
+  }
   const A delta = mean_b - mean;
   const A wb = count_b / n;
   mean += delta * wb;

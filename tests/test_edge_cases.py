@@ -51,13 +51,30 @@ def test_layer_norm_over_an_empty_shape():
     assert x.grad.shape == (4, 0) and w.grad.shape == (0,)
 
 
+@pytest.mark.parametrize("value", [3e8, 3e19])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_large_constant_channels_have_zero_variance(layout):
-    x = torch.full((5, 46, 11, 17), 3e8).to(memory_format=layout)
+def test_large_constant_channels_have_zero_variance(layout, value):
+    """3e19 squared overflows float32: a merge into empty moments must not
+    form delta^2 * 0."""
+    x = torch.full((5, 46, 11, 17), value).to(memory_format=layout)
     _, var = torch.ops.normops.batch_norm_stats(x)
-    assert (var >= 0).all()
+    assert var.eq(0).all()
     assert not NF.batch_norm(x, None, None, training=True).isnan().any()
     assert not NF.group_norm(x, 2).isnan().any()
+    assert not NF.instance_norm(x).isnan().any()
+    assert not NF.layer_norm(x.reshape(5, -1)[:, :1024], (1024,)).isnan().any()
+
+
+def test_backward_ops_check_the_statistics_device():
+    x = torch.randn(2, 4, 3, 3)
+    ops = torch.ops.normops
+    with pytest.raises(RuntimeError, match="mean to be on the same device"):
+        ops.group_norm_backward(x, x, 2, torch.zeros(2, 2, device="meta"), torch.ones(2, 2),
+                                None, [True, True, True])
+    with pytest.raises(RuntimeError, match="rstd to be on the same device"):
+        ops.layer_norm_backward(x, x, [3], torch.zeros(2, 4, 3, 1),
+                                torch.ones(2, 4, 3, 1, device="meta"), None, None,
+                                [True, True, True])
 
 
 def test_one_running_buffer_is_an_error():

@@ -19,6 +19,8 @@ def _(input, num_groups, weight, bias, eps):
 
 @torch.library.register_fake("normops::group_norm_backward")
 def _(grad_out, input, num_groups, mean, rstd, weight, output_mask):
+    check_devices("normops.group_norm_backward", input, grad_output=grad_out, mean=mean,
+                  rstd=rstd, weight=weight)
     C = input.size(1)
     grad_input = empty_like_channels(input) if output_mask[0] else input.new_empty((0,))
     return (grad_input, empty_param_grad(input, weight, output_mask[1], (C,)),

@@ -20,6 +20,8 @@ def _(input, normalized_shape, weight, bias, eps):
 
 @torch.library.register_fake("normops::layer_norm_backward")
 def _(grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask):
+    check_devices("normops.layer_norm_backward", input, grad_output=grad_out, mean=mean,
+                  rstd=rstd, weight=weight, bias=bias)
     grad_input = input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,))
     shape = tuple(normalized_shape)
     return (grad_input, empty_param_grad(input, weight, output_mask[1], shape),
