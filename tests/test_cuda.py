@@ -165,3 +165,23 @@ def test_inverted_residual_training_saves_little_on_cuda():
     ours_bytes = reference_models.saved_activation_bytes(ours, x)
     ref_bytes = reference_models.saved_activation_bytes(ref, x)
     assert ours_bytes <= 0.2 * ref_bytes, (ours_bytes, ref_bytes)
+
+
+def test_extreme_values_on_cuda():
+    """The CPU edge cases of the statistics on CUDA: a constant 3e19 (whose
+    square overflows float32) has zero variance, and a float64 spread of
+    1e110 keeps the input gradient's correction term."""
+    x = torch.full((5, 46, 11, 17), 3e19, device="cuda")
+    assert not NF.batch_norm(x, None, None, training=True).isnan().any()
+    assert not NF.group_norm(x, 2).isnan().any()
+    assert not NF.layer_norm(x.reshape(5, -1)[:, :1024], (1024,)).isnan().any()
+    torch.manual_seed(0)
+    x = (torch.randn(2, 4, 5, 6, dtype=torch.float64, device="cuda") * 1e110)
+    g = torch.randn_like(x)
+    for ours, theirs in ((lambda t: NF.batch_norm(t, None, None, training=True),
+                          lambda t: TF.batch_norm(t, None, None, training=True)),
+                         (lambda t: NF.group_norm(t, 2), lambda t: TF.group_norm(t, 2))):
+        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        do, = torch.autograd.grad(ours(xo), xo, g)
+        dt, = torch.autograd.grad(theirs(xt), xt, g)
+        torch.testing.assert_close(do, dt, rtol=1e-10, atol=1e-10 * dt.abs().max().item())
