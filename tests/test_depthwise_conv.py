@@ -115,7 +115,30 @@ def test_compile_fullgraph():
     ((torch.randn(2, 3, 4, 4), torch.randn(3, 1, 3, 3, dtype=torch.float64), 1), "dtype"),
     ((torch.randn(2, 3, 4, 4).half(), torch.randn(3, 1, 3, 3).half(), 1), "float32 or float64"),
     ((torch.randn(2, 3, 4, 4), torch.randn(3, 1, 3, 3), 3), "stride"),
+    ((torch.randn(1, 4, 0, 5), torch.randn(4, 1, 3, 3), 2), "non-empty"),
+    ((torch.randn(1, 4, 5, 0), torch.randn(4, 1, 3, 3), 1), "non-empty"),
+    ((torch.randn(1, 0, 5, 5), torch.randn(0, 1, 3, 3), 1), "non-empty"),
 ])
-def test_bad_input(args, match):
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_input(args, match, device):
+    """The kernel and the fake kernel refuse alike (an empty spatial dim,
+    which torch's convolution refuses too, left output unwritten)."""
+    x, w, stride = args
     with pytest.raises(RuntimeError, match=match):
-        ops.depthwise_conv3x3(*args)
+        ops.depthwise_conv3x3(x.to(device), w.to(device), stride)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_backward_checks_grad_output(device):
+    x, w = torch.randn(2, 3, 4, 4, device=device), torch.randn(3, 1, 3, 3, device=device)
+    with pytest.raises(RuntimeError, match="grad_output of shape"):
+        ops.depthwise_conv3x3_backward(torch.randn(5, 7, device=device), x, w, 1, [True, True])
+    with pytest.raises(RuntimeError, match="grad_output"):
+        ops.depthwise_conv3x3_backward(torch.randn(2, 3, 4, 4, dtype=torch.float64,
+                                                   device=device), x, w, 1, [True, True])
+
+
+def test_empty_batch():
+    x, w = torch.randn(0, 3, 5, 5), torch.randn(3, 1, 3, 3)
+    y = ops.depthwise_conv3x3(x, w, 2)
+    assert y.shape == F.conv2d(x, w, None, 2, 1, 1, 3).shape

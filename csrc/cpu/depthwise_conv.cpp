@@ -23,6 +23,11 @@ void check_depthwise(const Tensor& input, const Tensor& weight, int64_t stride) 
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, kOp,
               ": expected a float32 or float64 input, but got ", dt);
   const int64_t C = input.size(1);
+  // As torch's convolution: no empty channel or spatial dim (an empty batch
+  // is fine).
+  TORCH_CHECK(C > 0 && input.size(2) > 0 && input.size(3) > 0, kOp,
+              ": expected non-empty channel and spatial dims, but got input of size ",
+              input.sizes());
   check_param(input, weight, {C, 1, 3, 3}, kOp, "weight");
   TORCH_CHECK(weight.scalar_type() == dt, kOp, ": expected weight to have dtype ", dt,
               ", but got ", weight.scalar_type());

@@ -19,6 +19,9 @@ def _check(input, weight, stride):
     check_devices(_OP, input, weight=weight)
     torch._check(input.dim() == 4, lambda: f"{_OP}: expected a 4-D (N, C, H, W) input, but "
                  f"got {input.dim()}-D")
+    torch._check(input.size(1) > 0 and input.size(2) > 0 and input.size(3) > 0,
+                 lambda: f"{_OP}: expected non-empty channel and spatial dims, but got input "
+                 f"of size {list(input.shape)}")
     torch._check(input.dtype in (torch.float32, torch.float64),
                  lambda: f"{_OP}: expected a float32 or float64 input, but got {input.dtype}")
     torch._check(weight.shape == (input.size(1), 1, 3, 3) and weight.dtype == input.dtype,
@@ -45,6 +48,11 @@ def _(input, weight, stride):
 def _(grad_out, input, weight, stride, output_mask):
     _check(input, weight, stride)
     check_devices(_OP, input, grad_output=grad_out)
+    N, C, H, W = input.shape
+    shape = (N, C, (H - 1) // stride + 1, (W - 1) // stride + 1)
+    torch._check(tuple(grad_out.shape) == shape and grad_out.dtype == input.dtype,
+                 lambda: f"{_OP}: expected grad_output of shape {list(shape)} and dtype "
+                 f"{input.dtype}, but got {list(grad_out.shape)} and {grad_out.dtype}")
     grad_input = _empty_like_layout(input, input.shape) if output_mask[0] else input.new_empty(0)
     grad_weight = weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty(0)
     return grad_input, grad_weight
