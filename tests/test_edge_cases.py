@@ -104,6 +104,7 @@ def test_argument_errors_of_torchs_type():
     (lambda: normops.nn.InstanceNorm1d(3, track_running_stats=True),
      lambda: torch.nn.InstanceNorm1d(3, track_running_stats=True), (1, 3, 2), (4, 3, 9)),
 ])
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_jit_trace_counts_the_running_variance_batch_at_run_time(ours, theirs, shape, run_shape):
     """A traced training step's unbiased running variance uses the batch it
     runs on, not the one it was traced with, as torch's traced module does."""
