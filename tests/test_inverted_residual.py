@@ -198,7 +198,8 @@ def test_same_contents_compares_bytes():
     assert same_contents([a, a[0]], [a.clone(), a[0].clone()])
     assert not same_contents([a], [a.double()])          # dtype
     assert not same_contents([a], [a.view(3, 4)])        # shape
-    assert not same_contents([a.t()], [a.t().clone()])   # not contiguous: no claim
+    assert same_contents([a.t()], [a.t().clone()])       # strided: compared by value
+    assert not same_contents([a.t()], [a.t().clone() + 1])
     assert not same_contents([a], [a, a])
     b = a.clone()
     b[1, 2] += 1
