@@ -59,7 +59,7 @@ inline std::tuple<Tensor, Tensor, Tensor> dx_coefficients_aten(const Folded& f,
                                                               const Tensor& mean_dy_xmu,
                                                               at::ScalarType acc) {
   Tensor a = f.invstd * f.weight;
-  // invstd^2 alone underflows double at a spread of 1e105 or more.
+  // Tensor form of centred_coefficient (csrc/moments.h): one invstd at a time.
   Tensor b = -a * (f.invstd * (f.invstd * mean_dy_xmu.to(at::kDouble)));
   Tensor c = -a * mean_dy.to(at::kDouble);
   return {a.to(acc), b.to(acc), c.to(acc)};

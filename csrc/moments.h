@@ -67,6 +67,15 @@ NORMOPS_HD void welford_add(A& count, A& mean, A& m2, A v) {
   m2 += d * (v - mean);
 }
 
+// The coefficient of (x - mean) in the input gradient of a normalisation,
+// -scale * rstd^2 * mean_dy_xmu (scale: rstd times the weight, or rstd with
+// the weight inside mean_dy_xmu). One rstd at a time: rstd^2 alone underflows
+// double at a spread of 1e105, which dropped the term.
+template <typename A>
+NORMOPS_HD A centred_coefficient(A scale, A rstd, A mean_dy_xmu) {
+  return -scale * (rstd * (rstd * mean_dy_xmu));
+}
+
 // Biased variance, as torch.nn normalises with; a zero count gives 0.
 template <typename A>
 NORMOPS_HD A biased_var(const Moments<A>& m) {

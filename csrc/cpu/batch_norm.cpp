@@ -95,7 +95,7 @@ struct CpuBatchNorm : ChannelDrivers {
           psd[c] = sd;
           psx[c] = sx;
           const double inv = pinv[c], a = inv * pw[c];
-          const A kb = A(-a * (inv * (inv * (sx / count)))), kc = A(-a * sd / count);
+          const A kb = A(centred_coefficient(a, inv, sx / count)), kc = A(-a * sd / count);
           write_output(k, stream, d + off, v.HW, stride, v.N, 1, [&](T* dst, int64_t o, int64_t n) {
             k.span_grad_input[act](g + off + o, x + off + o, dst, n, 0, 1, A(a), kb, m, kc, s, h);
           });
@@ -151,9 +151,7 @@ struct CpuBatchNorm : ChannelDrivers {
       for (int64_t c = 0; c < C; ++c) {
         const double a = inv[c] * w[c];
         k[c] = static_cast<scalar_t>(a);
-        // One invstd at a time (here and above): invstd^2 underflows double
-        // at a spread of 1e105.
-        k[C + c] = static_cast<scalar_t>(-a * (inv[c] * (inv[c] * mx[c])));
+        k[C + c] = static_cast<scalar_t>(centred_coefficient(a, inv[c], mx[c]));
         k[2 * C + c] = static_cast<scalar_t>(-a * md[c]);
       }
     });

@@ -114,8 +114,7 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
         e1 += w[(ng % G) * D + j] * pd;
         e2 += w[(ng % G) * D + j] * px;
       }
-      // One rstd at a time: rstd^3 underflows double at a spread of 1e105.
-      const A kb = A(-r * (r * (r * (e2 / count)))), kc = A(-r * e1 / count);
+      const A kb = A(centred_coefficient(r, r, e2 / count)), kc = A(-r * e1 / count);
       const int64_t base = ng * D * v.HW, c0 = (ng % G) * D;
       write_output(k, stream, d + base, D * v.HW, 0, 1, 1, [&](T* dst, int64_t o, int64_t n) {
         for_each_segment(o, o + n, v.HW, [&](int64_t i, int64_t end, int64_t j) {
@@ -156,7 +155,7 @@ void backward_by_channel(const ChannelView& v, int64_t G, const Tensor& dy, cons
     const double r = rstd[ng];
     for (int64_t j = 0; j < D; ++j) {
       k[p0 + j] = A(r * w[(ng % G) * D + j]);
-      k[N * C + p0 + j] = A(-r * (r * (r * (e2 / count))));
+      k[N * C + p0 + j] = A(centred_coefficient(r, r, e2 / count));
       k[3 * N * C + p0 + j] = A(-r * e1 / count);
     }
   }

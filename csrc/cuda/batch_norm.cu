@@ -142,8 +142,7 @@ __global__ void backward_finalize_kernel(const A* __restrict__ psum_dy,
     grad_weight[c] = static_cast<A>(sx * k.invstd);
     grad_bias[c] = static_cast<A>(sd);
     coef[c] = static_cast<A>(a);
-    // One invstd at a time: invstd^2 underflows double at a spread of 1e105.
-    coef[C + c] = static_cast<A>(-a * (k.invstd * (k.invstd * (sx / count))));
+    coef[C + c] = static_cast<A>(centred_coefficient(a, k.invstd, sx / count));
     coef[2 * C + c] = static_cast<A>(-a * sd / count);
   }
 }

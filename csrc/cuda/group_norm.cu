@@ -104,7 +104,8 @@ __global__ void backward_finalize_kernel(const A* __restrict__ psum_dy,
         e1 += w * sd;
         e2 += w * sx;
       }
-      const A kb = static_cast<A>(-r * (r * (r * (e2 / count)))), kc = static_cast<A>(-r * e1 / count);
+      const A kb = static_cast<A>(centred_coefficient(r, r, e2 / count)),
+              kc = static_cast<A>(-r * e1 / count);
       for (int64_t d = 0; d < D; ++d) {
         const int64_t c = g * D + d, k = n * C + c;
         coef[k] = static_cast<A>(r * (weight ? static_cast<double>(weight[c]) : 1.0));
