@@ -58,6 +58,18 @@ inline void read_as_double(const Tensor& t, double* out) {
 }
 
 // A per-channel parameter in double, `fill` repeated when absent.
+// Whether two CPU tensors of one dtype and shape hold the same values: their
+// bytes when both are contiguous (memcmp reads ~4x faster than torch.equal
+// compares), else torch.equal. For caches of values derived from weights that
+// can change without a version bump (writes through .data, fused optimizers).
+inline bool same_values(const Tensor& a, const Tensor& b) {
+  if (!a.device().is_cpu() || !b.device().is_cpu() || a.scalar_type() != b.scalar_type() ||
+      a.sizes() != b.sizes())
+    return false;
+  if (!a.is_contiguous() || !b.is_contiguous()) return a.equal(b);
+  return std::memcmp(a.const_data_ptr(), b.const_data_ptr(), a.nbytes()) == 0;
+}
+
 inline std::vector<double> param_as_double(const OptTensor& p, int64_t C, double fill) {
   std::vector<double> out(static_cast<size_t>(C), fill);
   if (present(p)) read_as_double(*p, out.data());

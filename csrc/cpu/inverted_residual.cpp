@@ -59,7 +59,7 @@ Packed pack(const Dims& d, const OptTensor& ew, const OptTensor& eb, const Tenso
 // Packing costs about as much as the whole block at batch 1, so packed
 // weights are cached. An entry is found by the weight tensors' identity
 // (weak references: a freed tensor's slot cannot be reused by a new one) and
-// used only if every weight still holds, byte for byte, what was packed:
+// used only if every weight still holds what was packed (same_values):
 // changes that bypass version counters (through .data, as gradcheck makes)
 // are seen too. The comparison reads the weights once, a fraction of what
 // packing them costs.
@@ -109,16 +109,10 @@ class PackCache {
       for (size_t i = 0; i < parts.size(); ++i) {
         const Tensor& w = weights[i];
         const Part& part = parts[i];
-        if (part.alive.expired() || part.impl != w.unsafeGetTensorImpl() ||
-            w.scalar_type() != part.contents.scalar_type() ||
-            w.sizes() != part.contents.sizes() || !w.is_contiguous())
-          return false;
+        if (part.alive.expired() || part.impl != w.unsafeGetTensorImpl()) return false;
       }
-      for (size_t i = 0; i < parts.size(); ++i) {
-        if (std::memcmp(weights[i].data_ptr(), parts[i].contents.data_ptr(),
-                        parts[i].contents.nbytes()) != 0)
-          return false;
-      }
+      for (size_t i = 0; i < parts.size(); ++i)
+        if (!same_values(weights[i], parts[i].contents)) return false;
       return true;
     }
   };
