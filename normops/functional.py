@@ -58,6 +58,11 @@ def _check_momentum(momentum, name: str) -> None:
         raise TypeError(f"{name}(): argument 'momentum' must be float, not NoneType")
 
 
+def _check_running_pair(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> None:
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+
+
 def _activation_code(activation: Optional[str]) -> int:
     if activation not in ACTIVATIONS:
         raise ValueError(
@@ -128,8 +133,7 @@ def batch_norm(
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    _check_running_pair(running_mean, running_var)
     if not training and running_mean is None:
         raise RuntimeError(
             "batch_norm: running_mean and running_var must be defined in evaluation mode")
@@ -216,8 +220,7 @@ def instance_norm(
     if spatial == 1:
         raise ValueError(
             f"Expected more than 1 spatial element when training, got input size {input.size()}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    _check_running_pair(running_mean, running_var)
     C = input.size(1)
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and t.shape != (C,):

@@ -30,6 +30,11 @@ def _check(input, weight, stride):
     torch._check(stride in (1, 2), lambda: f"{_OP}: stride must be 1 or 2, but got {stride}")
 
 
+def _out_shape(input, stride):
+    N, C, H, W = input.shape
+    return (N, C, (H - 1) // stride + 1, (W - 1) // stride + 1)
+
+
 def _empty_like_layout(input, shape):
     channels_last = (not input.is_contiguous()
                      and input.is_contiguous(memory_format=torch.channels_last))
@@ -40,16 +45,14 @@ def _empty_like_layout(input, shape):
 @torch.library.register_fake("normops::depthwise_conv3x3")
 def _(input, weight, stride):
     _check(input, weight, stride)
-    N, C, H, W = input.shape
-    return _empty_like_layout(input, (N, C, (H - 1) // stride + 1, (W - 1) // stride + 1))
+    return _empty_like_layout(input, _out_shape(input, stride))
 
 
 @torch.library.register_fake("normops::depthwise_conv3x3_backward")
 def _(grad_out, input, weight, stride, output_mask):
     _check(input, weight, stride)
     check_devices(_OP, input, grad_output=grad_out)
-    N, C, H, W = input.shape
-    shape = (N, C, (H - 1) // stride + 1, (W - 1) // stride + 1)
+    shape = _out_shape(input, stride)
     torch._check(tuple(grad_out.shape) == shape and grad_out.dtype == input.dtype,
                  lambda: f"{_OP}: expected grad_output of shape {list(shape)} and dtype "
                  f"{input.dtype}, but got {list(grad_out.shape)} and {grad_out.dtype}")
