@@ -62,11 +62,19 @@ TORCH_LIBRARY(normops, m) {
       "Tensor grad_weight, Tensor grad_bias)");
 
   // Depthwise 3x3 convolution, padding 1, no bias (weight [C, 1, 3, 3],
-  // stride 1 or 2), for the inverted residual's training path (CPU).
-  m.def("depthwise_conv3x3(Tensor input, Tensor weight, int stride) -> Tensor");
+  // stride 1 or 2), for the inverted residual's training path (CPU). With
+  // norm_mean and norm_var it convolves act(batch_norm(input)) (the layer
+  // before, as batch_norm_elemt computes it) without storing it; the
+  // backward's grad_input is then the gradient at that normalised input.
+  m.def(
+      "depthwise_conv3x3(Tensor input, Tensor weight, int stride, Tensor? norm_mean=None, "
+      "Tensor? norm_var=None, Tensor? norm_weight=None, Tensor? norm_bias=None, "
+      "float norm_eps=0., int norm_activation=0) -> Tensor");
   m.def(
       "depthwise_conv3x3_backward(Tensor grad_out, Tensor input, Tensor weight, int stride, "
-      "bool[2] output_mask) -> (Tensor grad_input, Tensor grad_weight)");
+      "bool[2] output_mask, Tensor? norm_mean=None, Tensor? norm_var=None, "
+      "Tensor? norm_weight=None, Tensor? norm_bias=None, float norm_eps=0., "
+      "int norm_activation=0) -> (Tensor grad_input, Tensor grad_weight)");
 
   // MobileNetV2's inverted residual in inference, batch norms folded into the
   // convolutions (see csrc/inverted_residual.h): expand 1x1 + ReLU6 (absent

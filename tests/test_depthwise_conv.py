@@ -1,7 +1,7 @@
 """The depthwise 3x3 convolution ops (the inverted residual's training path,
 CPU) against torch's convolution: outputs and both gradients in every layout,
-stride 1 and 2, odd and one-pixel sizes; gradcheck, opcheck, torch.compile,
-bad input."""
+stride 1 and 2, odd and one-pixel sizes, with and without an input norm;
+gradcheck, opcheck, torch.compile, bad input."""
 import itertools
 
 import pytest
@@ -10,11 +10,12 @@ import torch.nn.functional as F
 
 import normops  # noqa: F401
 from helpers import GRAD_TOL, LAYOUTS, TOL, make_input
+from normops.ops.batch_norm import apply_activation
 
 ops = torch.ops.normops
 
 # Channels_last runs pixel by pixel up to ~227 float channels, by vectors of
-# channels above (csrc/cpu/kernels/kernels_impl.h, depthwise_rows_gather):
+# channels above (csrc/cpu/kernels/kernels_impl.h, gather_row):
 # 245 channels take that path with a tail of channels (float64 from ~114
 # channels: 120), 70 columns two of its column blocks, and 1-2 rows or columns
 # its edges.
@@ -71,7 +72,7 @@ def test_empty_batch():
     x = torch.randn(0, 4, 5, 5)
     w = torch.randn(4, 1, 3, 3)
     y = ops.depthwise_conv3x3(x, w, 2)
-    assert y.shape == (0, 4, 3, 3)
+    assert y.shape == (0, 4, 3, 3) == F.conv2d(x, w, None, 2, 1, 1, 4).shape
     dx, dw = ops.depthwise_conv3x3_backward(torch.randn(0, 4, 3, 3), x, w, 2, [True, True])
     assert dx.shape == x.shape and torch.equal(dw, torch.zeros_like(w))
 
@@ -138,7 +139,90 @@ def test_backward_checks_grad_output(device):
                                                    device=device), x, w, 1, [True, True])
 
 
-def test_empty_batch():
-    x, w = torch.randn(0, 3, 5, 5), torch.randn(3, 1, 3, 3)
-    y = ops.depthwise_conv3x3(x, w, 2)
-    assert y.shape == F.conv2d(x, w, None, 2, 1, 1, 3).shape
+def norm_args(C, dtype, affine=True):
+    """An input norm (mean, var, weight, bias): statistics in the
+    accumulation dtype, as batch_norm_stats returns them."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    mean, var = torch.randn(C, dtype=acc), torch.rand(C, dtype=acc) + 0.5
+    if not affine:
+        return mean, var, None, None
+    return mean, var, torch.randn(C, dtype=dtype), torch.randn(C, dtype=dtype)
+
+
+def normalised(x, norm, eps, act):
+    mean, var, weight, bias = norm
+    return apply_activation(F.batch_norm(x.double(), mean.double(), var.double(),
+                                         None if weight is None else weight.double(),
+                                         None if bias is None else bias.double(), False, 0.0, eps),
+                            act)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_input_norm_matches_torch(dtype, layout, stride):
+    """The convolution of act(batch_norm(x)): the output, the gradient at the
+    normalised input and the weight gradient, each activation, with and
+    without the norm's affine parameters."""
+    torch.manual_seed(0)
+    for shape, act, affine in zip(SHAPES, itertools.cycle((0, 1, 2)), itertools.cycle((True, False))):
+        x = make_input(shape, dtype, "cpu", layout) * 3 + 1  # ReLU6 clips on both sides
+        w = torch.randn(shape[1], 1, 3, 3, dtype=dtype)
+        norm = norm_args(shape[1], dtype, affine)
+        y = ops.depthwise_conv3x3(x, w, stride, *norm, 1e-3, act)
+        g = torch.randn_like(y)
+        ry, rda, rdw = reference(normalised(x, norm, 1e-3, act), w, stride, g)
+        rtol, atol = TOL[dtype]
+        torch.testing.assert_close(y.double(), ry, rtol=rtol, atol=atol)
+        da, dw = ops.depthwise_conv3x3_backward(g, x, w, stride, [True, True], *norm, 1e-3, act)
+        rtol, atol = GRAD_TOL[dtype]
+        torch.testing.assert_close(da.double(), rda, rtol=rtol, atol=atol)
+        torch.testing.assert_close(dw.double(), rdw, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_input_norm_gradcheck(layout):
+    """Autograd through the input norm (its statistics and parameters too)."""
+    x = make_input((2, 3, 5, 4), torch.float64, "cpu", layout).requires_grad_()
+    w, *norm = (t.requires_grad_() for t in (torch.randn(3, 1, 3, 3, dtype=torch.float64),
+                                            *norm_args(3, torch.float64)))
+
+    def f(x, w, *norm):
+        return ops.depthwise_conv3x3(x, w, 2, *norm, 1e-5, 1)
+
+    assert torch.autograd.gradcheck(f, (x, w, *norm))
+    assert torch.autograd.gradgradcheck(f, (x, w, *norm))
+
+
+def test_input_norm_opcheck():
+    for layout, dtype in itertools.product(LAYOUTS, (torch.float32, torch.float64)):
+        x = make_input((2, 5, 7, 6), dtype, "cpu", layout)
+        w = torch.randn(5, 1, 3, 3, dtype=dtype)
+        norm = norm_args(5, dtype)
+        torch.library.opcheck(ops.depthwise_conv3x3, (x, w, 1, *norm, 1e-5, 2))
+        g = torch.randn(2, 5, 4, 3, dtype=dtype)
+        torch.library.opcheck(ops.depthwise_conv3x3_backward,
+                              (g, x, w, 2, [True, True], *norm, 1e-5, 2))
+
+
+_C = 3
+_STATS = torch.randn(_C), torch.rand(_C) + 1
+
+
+@pytest.mark.parametrize("norm,match", [
+    ((_STATS[0], None, None, None, 0.0, 0), "both norm_mean and norm_var"),
+    ((None, None, torch.randn(_C), None, 0.0, 0), "need norm_mean and norm_var"),
+    ((torch.randn(_C + 1), _STATS[1], None, None, 0.0, 0), "norm_mean to be a floating point"),
+    ((*_STATS, torch.randn(_C, dtype=torch.float64), None, 0.0, 0), "norm_weight"),
+    ((*_STATS, None, torch.randn(2, _C), 0.0, 0), "norm_bias"),
+    ((*_STATS, None, None, 0.0, 3), "activation"),
+])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_input_norm(norm, match, device):
+    x, w = torch.randn(2, _C, 4, 4, device=device), torch.randn(_C, 1, 3, 3, device=device)
+    norm = [t.to(device) if isinstance(t, torch.Tensor) else t for t in norm]
+    with pytest.raises(RuntimeError, match=match):
+        ops.depthwise_conv3x3(x, w, 1, *norm)
+    with pytest.raises(RuntimeError, match=match):
+        ops.depthwise_conv3x3_backward(torch.randn(2, _C, 4, 4, device=device), x, w, 1,
+                                       [True, True], *norm)

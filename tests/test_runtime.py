@@ -74,6 +74,13 @@ for dtype, s, cl, (C, W) in itertools.product((torch.float32, torch.float64), (1
     gy = torch.randn_like(yr)
     for a, b in zip(torch.autograd.grad(y, (x, w), gy), torch.autograd.grad(yr, (x, w), gy)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # With an input norm (ReLU6 of a batch norm), applied as the rows are read.
+    mean, var = torch.randn(C, dtype=dtype), torch.rand(C, dtype=dtype) + 0.5
+    a = TF.relu6((x.detach() - mean[:, None, None]) * (var[:, None, None] + 1e-5).rsqrt())
+    y = torch.ops.normops.depthwise_conv3x3(xin.detach(), w.detach(), s, mean, var, None, None,
+                                            1e-5, 2)
+    torch.testing.assert_close(y, TF.conv2d(a, w.detach(), None, s, 1, 1, C), rtol=1e-4,
+                               atol=1e-4)
 # Rows of several two-pass statistics blocks and a partial one.
 for dtype in (torch.float32, torch.float64):
     x = torch.randn(3, 2 * 4096 + 37, dtype=dtype) * 2 + 100

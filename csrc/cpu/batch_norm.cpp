@@ -7,6 +7,33 @@
 
 namespace normops {
 namespace cpu {
+
+// In loops over the C values: a dozen small ATen ops (as the CUDA backend's
+// dx_coefficients uses) cost tens of microseconds per call, more than the
+// computation, which small tensors notice.
+batch_norm::Folded fold_batch_norm(const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                                   const OptTensor& bias, double eps, at::ScalarType acc) {
+  const int64_t C = mean.size(0);
+  Tensor dbl = at::empty({3, C}, mean.options().dtype(at::kDouble));  // mean, invstd, weight
+  Tensor consts = at::empty({3, C}, mean.options().dtype(acc));     // mean, scale, bias
+  double* d = ptr<double>(dbl);
+  std::vector<double> b(static_cast<size_t>(C), 0.0);
+  read_as_double(mean, d);
+  read_as_double(var, d + C);
+  if (present(weight)) read_as_double(*weight, d + 2 * C); else std::fill(d + 2 * C, d + 3 * C, 1.0);
+  if (present(bias)) read_as_double(*bias, b.data());
+  for (int64_t c = 0; c < C; ++c) d[C + c] = 1.0 / std::sqrt(d[C + c] + eps);
+  AT_DISPATCH_FLOATING_TYPES(acc, batch_norm::kOp, [&] {
+    scalar_t* k = ptr<scalar_t>(consts);
+    for (int64_t c = 0; c < C; ++c) {
+      k[c] = static_cast<scalar_t>(d[c]);
+      k[C + c] = static_cast<scalar_t>(d[C + c] * d[2 * C + c]);
+      k[2 * C + c] = static_cast<scalar_t>(b[c]);
+    }
+  });
+  return batch_norm::Folded{dbl[0], dbl[1], dbl[2], consts[0], consts[1], consts[2]};
+}
+
 namespace {
 
 using batch_norm::Folded;
@@ -108,31 +135,9 @@ struct CpuBatchNorm : ChannelDrivers {
             param_grad_from(v.x, mask[2], bias, sum_dy)};
   }
 
-  // The per-channel constants in loops over the C values: a dozen small ATen
-  // ops (as the CUDA backend's dx_coefficients uses) cost tens of
-  // microseconds per call, more than the computation, which small tensors
-  // notice.
   static Folded fold(const Tensor& mean, const Tensor& var, const OptTensor& weight,
                      const OptTensor& bias, double eps, at::ScalarType acc) {
-    const int64_t C = mean.size(0);
-    Tensor dbl = at::empty({3, C}, mean.options().dtype(at::kDouble));  // mean, invstd, weight
-    Tensor consts = at::empty({3, C}, mean.options().dtype(acc));     // mean, scale, bias
-    double* d = ptr<double>(dbl);
-    std::vector<double> b(static_cast<size_t>(C), 0.0);
-    read_as_double(mean, d);
-    read_as_double(var, d + C);
-    if (present(weight)) read_as_double(*weight, d + 2 * C); else std::fill(d + 2 * C, d + 3 * C, 1.0);
-    if (present(bias)) read_as_double(*bias, b.data());
-    for (int64_t c = 0; c < C; ++c) d[C + c] = 1.0 / std::sqrt(d[C + c] + eps);
-    AT_DISPATCH_FLOATING_TYPES(acc, kOp, [&] {
-      scalar_t* k = ptr<scalar_t>(consts);
-      for (int64_t c = 0; c < C; ++c) {
-        k[c] = static_cast<scalar_t>(d[c]);
-        k[C + c] = static_cast<scalar_t>(d[C + c] * d[2 * C + c]);
-        k[2 * C + c] = static_cast<scalar_t>(b[c]);
-      }
-    });
-    return Folded{dbl[0], dbl[1], dbl[2], consts[0], consts[1], consts[2]};
+    return fold_batch_norm(mean, var, weight, bias, eps, acc);
   }
 
   static std::tuple<Tensor, Tensor, Tensor> dx_coefficients(const Folded& f,

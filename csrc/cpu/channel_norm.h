@@ -7,10 +7,18 @@
 
 #include <vector>
 
+#include "../batch_norm_impl.h"
 #include "common.h"
 
 namespace normops {
 namespace cpu {
+
+// Batch norm's per-channel constants (batch_norm::Folded) of the statistics
+// (mean, biased var), weight and bias (either may be absent), eps
+// (csrc/cpu/batch_norm.cpp): what its CPU kernels read, and the depthwise
+// convolution's input norm.
+batch_norm::Folded fold_batch_norm(const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                                   const OptTensor& bias, double eps, at::ScalarType acc);
 
 // Splits of each sample's rows into parallel tasks of at least one cache
 // block: enough tasks for every thread.

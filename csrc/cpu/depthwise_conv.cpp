@@ -3,12 +3,14 @@
 // depthwise convolution runs at a small fraction of memory bandwidth (its
 // NCHW path several times slower still). NCHW is computed plane by plane,
 // channels_last row by row with the channels in vectors; float32 and
-// float64.
+// float64. An input norm (the batch norm and activation of the layer
+// before) is applied to the input as it is read, so its output, the largest
+// tensor of the block, is never stored.
 #include <torch/library.h>
 
 #include <vector>
 
-#include "common.h"
+#include "channel_norm.h"
 
 namespace normops {
 namespace cpu {
@@ -32,6 +34,52 @@ void check_depthwise(const Tensor& input, const Tensor& weight, int64_t stride) 
   TORCH_CHECK(weight.scalar_type() == dt, kOp, ": expected weight to have dtype ", dt,
               ", but got ", weight.scalar_type());
   TORCH_CHECK(stride == 1 || stride == 2, kOp, ": stride must be 1 or 2, but got ", stride);
+}
+
+// The input norm: act((x - mean) * invstd * weight + bias) per channel,
+// folded as batch_norm_elemt folds it (the same values, so the batch-norm
+// backward's activation mask is the one the convolution saw). Off without
+// statistics.
+template <typename A>
+struct InputNorm {
+  batch_norm::Folded folded;  // owns the constants
+  const A* mean = nullptr;
+  const A* scale = nullptr;
+  const A* bias = nullptr;
+  int act = 0;
+};
+
+template <typename A>
+InputNorm<A> input_norm(const Tensor& input, const OptTensor& mean, const OptTensor& var,
+                        const OptTensor& weight, const OptTensor& bias, double eps,
+                        int64_t activation) {
+  InputNorm<A> norm;
+  if (!present(mean)) return norm;
+  norm.folded = fold_batch_norm(*mean, *var, weight, bias, eps, input.scalar_type());
+  norm.mean = ptr<const A>(norm.folded.acc_mean);
+  norm.scale = ptr<const A>(norm.folded.acc_scale);
+  norm.bias = ptr<const A>(norm.folded.acc_bias);
+  norm.act = act_index(activation);
+  return norm;
+}
+
+void check_input_norm(const Tensor& input, const OptTensor& mean, const OptTensor& var,
+                      const OptTensor& weight, const OptTensor& bias, int64_t activation) {
+  act_index(activation);
+  TORCH_CHECK(present(mean) == present(var), kOp,
+              ": expected both norm_mean and norm_var, or neither");
+  TORCH_CHECK(present(mean) || !(present(weight) || present(bias)), kOp,
+              ": norm_weight and norm_bias need norm_mean and norm_var");
+  const int64_t C = input.size(1);
+  for (const auto& [t, name] : {std::make_pair(mean, "norm_mean"), std::make_pair(var, "norm_var")}) {
+    if (!present(t)) continue;
+    check_same_device(input, *t, kOp, name);
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == C && at::isFloatingType(t->scalar_type()), kOp,
+                ": expected ", name, " to be a floating point vector of ", C,
+                " values, but got ", t->scalar_type(), " of shape ", t->sizes());
+  }
+  check_param(input, weight, {C}, kOp, "norm_weight");
+  check_param(input, bias, {C}, kOp, "norm_bias");
 }
 
 // The input as the channel norms walk it (csrc/channel_view.h: NCHW planes,
@@ -72,41 +120,110 @@ Tensor weight_for(const Tensor& weight, const Layout& l) {
   return t;
 }
 
-Tensor depthwise_conv3x3(const Tensor& input, const Tensor& weight, int64_t stride) {
+// The input the convolution reads, one NCHW plane or channels_last image at
+// a time: the input's own memory, or with an input norm its normalised
+// copy, made per plane, or per row in a ring of three (output row ho reads
+// the three consecutive rows ho * stride - 1 + kh, and output rows are
+// walked in order, so each row is made once).
+template <typename A>
+class NormedInput {
+ public:
+  NormedInput(const Layout& l, const InputNorm<A>& norm)
+      : l_(l), norm_(norm), k_(kernels<A>()),
+        buffer_(norm.mean ? static_cast<size_t>(l.v.rows ? 3 * l.W * l.v.C : l.H * l.W) : 0) {}
+
+  // Plane p (n * C + c) of x.
+  const A* plane(const A* x, int64_t p) {
+    const A* src = x + p * l_.H * l_.W;
+    if (!norm_.mean) return src;
+    const int64_t c = p % l_.v.C;
+    k_.span_affine[norm_.act](src, buffer_.data(), l_.H * l_.W, 0, 1, norm_.mean[c],
+                              norm_.scale[c], norm_.bias[c]);
+    return buffer_.data();
+  }
+
+  // The input rows of each tap kh of output row ho of image `image` (null
+  // for padding).
+  void taps(const A* image, int64_t ho, int64_t stride, const A* rows[3]) {
+    if (image != image_) {
+      image_ = image;
+      held_[0] = held_[1] = held_[2] = -1;
+    }
+    for (int kh = 0; kh < 3; ++kh) {
+      const int64_t hi = tap_row(ho, kh, l_.H, stride);
+      rows[kh] = hi < 0 ? nullptr : row(hi);
+    }
+  }
+
+ private:
+  const A* row(int64_t hi) {
+    const int64_t len = l_.W * l_.v.C;
+    const A* src = image_ + hi * len;
+    if (!norm_.mean) return src;
+    A* slot = buffer_.data() + (hi % 3) * len;
+    if (held_[hi % 3] != hi) {
+      k_.row_affine[norm_.act](src, slot, l_.W, l_.v.C, norm_.mean, norm_.scale, norm_.bias);
+      held_[hi % 3] = hi;
+    }
+    return slot;
+  }
+
+  const Layout& l_;
+  const InputNorm<A>& norm_;
+  const Kernels<A>& k_;
+  std::vector<A> buffer_;
+  const A* image_ = nullptr;
+  int64_t held_[3] = {-1, -1, -1};
+};
+
+Tensor depthwise_conv3x3(const Tensor& input, const Tensor& weight, int64_t stride,
+                         const OptTensor& norm_mean, const OptTensor& norm_var,
+                         const OptTensor& norm_weight, const OptTensor& norm_bias,
+                         double norm_eps, int64_t norm_activation) {
   check_depthwise(input, weight, stride);
+  check_input_norm(input, norm_mean, norm_var, norm_weight, norm_bias, norm_activation);
   const Layout l = layout_of(input, stride);
   Tensor out = empty_as(l, l.Ho, l.Wo);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(l.v.x.scalar_type(), kOp, [&] {
     using A = scalar_t;
     const auto& k = kernels<A>();
+    const auto norm = input_norm<A>(input, norm_mean, norm_var, norm_weight, norm_bias,
+                                    norm_eps, norm_activation);
     const Tensor w = weight_for<A>(weight, l);
     const A* x = ptr<const A>(l.v.x);
     const A* pw = ptr<const A>(w);
     A* y = ptr<A>(out);
     if (!l.v.rows) {
       at::parallel_for(0, l.v.N * l.v.C, grain_for(l.H * l.W), [&](int64_t p0, int64_t p1) {
+        NormedInput<A> src(l, norm);
         for (int64_t p = p0; p < p1; ++p)
-          k.depthwise_plane(x + p * l.H * l.W, l.H, l.W, stride, pw + (p % l.v.C) * 9,
+          k.depthwise_plane(src.plane(x, p), l.H, l.W, stride, pw + (p % l.v.C) * 9,
                             y + p * l.Ho * l.Wo);
       });
       return;
     }
     at::parallel_for(0, l.v.N * l.Ho, grain_for(l.Wo * l.v.C), [&](int64_t r0, int64_t r1) {
-      // Rows r of image n = r / Ho.
-      for_each_segment(r0, r1, l.Ho, [&](int64_t r, int64_t end, int64_t n) {
-        k.depthwise_rows(x + n * l.H * l.W * l.v.C, l.H, l.W, l.v.C, stride, pw, r - n * l.Ho,
-                         end - n * l.Ho, y + n * l.Ho * l.Wo * l.v.C);
-      });
+      NormedInput<A> src(l, norm);
+      for (int64_t r = r0; r < r1; ++r) {  // row ho = r % Ho of image r / Ho
+        const A* rows[3];
+        src.taps(x + r / l.Ho * l.H * l.W * l.v.C, r % l.Ho, stride, rows);
+        k.depthwise_row(rows, l.W, l.v.C, stride, pw, y + r * l.Wo * l.v.C);
+      }
     });
   });
   return out;
 }
 
-std::tuple<Tensor, Tensor> depthwise_conv3x3_backward(const Tensor& grad_out, const Tensor& input,
-                                                      const Tensor& weight, int64_t stride,
-                                                      std::array<bool, 2> output_mask) {
+// With an input norm, grad_input is the gradient at the convolution's
+// input, the normalised tensor (what the norm's backward takes).
+std::tuple<Tensor, Tensor> depthwise_conv3x3_backward(
+    const Tensor& grad_out, const Tensor& input, const Tensor& weight, int64_t stride,
+    std::array<bool, 2> output_mask, const OptTensor& norm_mean, const OptTensor& norm_var,
+    const OptTensor& norm_weight, const OptTensor& norm_bias, double norm_eps,
+    int64_t norm_activation) {
   check_depthwise(input, weight, stride);
+  check_input_norm(input, norm_mean, norm_var, norm_weight, norm_bias, norm_activation);
   const Layout l = layout_of(input, stride);
   check_same_device(input, grad_out, kOp, "grad_output");
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({l.v.N, l.v.C, l.Ho, l.Wo}), kOp,
@@ -148,22 +265,27 @@ std::tuple<Tensor, Tensor> depthwise_conv3x3_backward(const Tensor& grad_out, co
       }
     }
     if (!output_mask[1] || empty) return;
+    const auto norm = input_norm<A>(input, norm_mean, norm_var, norm_weight, norm_bias,
+                                    norm_eps, norm_activation);
     if (!l.v.rows) {
       for_each_chunk(l.v.N * l.v.C, tasks, [&](int64_t t, int64_t p0, int64_t p1) {
+        NormedInput<A> src(l, norm);
         double* dw = partial.data() + t * l.v.C * 9;
         for (int64_t p = p0; p < p1; ++p)
-          k.depthwise_plane_grad_weight(g + p * l.Ho * l.Wo, x + p * l.H * l.W, l.H, l.W, stride,
+          k.depthwise_plane_grad_weight(g + p * l.Ho * l.Wo, src.plane(x, p), l.H, l.W, stride,
                                         dw + (p % l.v.C) * 9);
       });
       return;
     }
     for_each_chunk(l.v.N * l.Ho, tasks, [&](int64_t t, int64_t r0, int64_t r1) {
+      NormedInput<A> src(l, norm);
       std::vector<A> row(static_cast<size_t>(9 * l.v.C));
-      for_each_segment(r0, r1, l.Ho, [&](int64_t r, int64_t end, int64_t n) {
-        k.depthwise_rows_grad_weight(g + n * out_image, x + n * in_image, l.H, l.W, l.v.C, stride,
-                                     r - n * l.Ho, end - n * l.Ho, row.data(),
-                                     partial.data() + t * l.v.C * 9);
-      });
+      for (int64_t r = r0; r < r1; ++r) {  // row ho = r % Ho of image r / Ho
+        const A* rows[3];
+        src.taps(x + r / l.Ho * in_image, r % l.Ho, stride, rows);
+        k.depthwise_row_grad_weight(g + r * l.Wo * l.v.C, rows, l.W, l.v.C, stride, row.data(),
+                                    partial.data() + t * l.v.C * 9);
+      }
     });
   });
   Tensor grad_weight = at::empty({0}, weight.options());

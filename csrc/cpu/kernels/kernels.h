@@ -46,6 +46,13 @@ using acc_t = typename AccType<T>::type;
 
 constexpr int kNumActs = 3;  // normops::Act
 
+// Input row (or column) of output row ho at tap kh of a 3x3 convolution with
+// padding 1, or -1 when it is padding.
+inline int64_t tap_row(int64_t ho, int kh, int64_t H, int64_t stride) {
+  const int64_t hi = ho * stride - 1 + kh;
+  return hi >= 0 && hi < H ? hi : -1;
+}
+
 template <typename T>
 struct Kernels {
   using A = acc_t<T>;
@@ -126,17 +133,18 @@ struct Kernels {
                                      const A* w, A* dx);
   void (*depthwise_plane_grad_weight)(const A* dy, const A* x, int64_t H, int64_t W,
                                       int64_t stride, double* dw);
-  // Channels_last, one image (H x W x C), weights wt[9 x C]: output rows
-  // [ho0, ho1); input-gradient rows [hi0, hi1); the weight gradient of
-  // output rows [ho0, ho1) added to dw[9 x C] (row: 9 x C scratch).
-  void (*depthwise_rows)(const A* x, int64_t H, int64_t W, int64_t C, int64_t stride,
-                         const A* wt, int64_t ho0, int64_t ho1, A* y);
+  // Channels_last, weights wt[9 x C], an image W pixels wide (H rows):
+  // one output row y (Wo x C) from the input rows of taps kh (rows[kh], W x
+  // C; null where the row is padding, see tap_row); the input gradient's
+  // rows [hi0, hi1) of one image; the weight gradient of one output row dy
+  // (Wo x C) added to dw[9 x C] (row: 9 x C scratch).
+  void (*depthwise_row)(const A* const* rows, int64_t W, int64_t C, int64_t stride,
+                        const A* wt, A* y);
   void (*depthwise_rows_grad_input)(const A* dy, int64_t H, int64_t W, int64_t C,
                                     int64_t stride, const A* wt, int64_t hi0, int64_t hi1,
                                     A* dx);
-  void (*depthwise_rows_grad_weight)(const A* dy, const A* x, int64_t H, int64_t W, int64_t C,
-                                     int64_t stride, int64_t ho0, int64_t ho1, A* row,
-                                     double* dw);
+  void (*depthwise_row_grad_weight)(const A* dy, const A* const* rows, int64_t W, int64_t C,
+                                    int64_t stride, A* row, double* dw);
 
   // dst[0, n) = src[0, n) with non-temporal stores for the whole aligned
   // vectors (plain ones at the unaligned ends): an output streamed out of a

@@ -1189,12 +1189,6 @@ NORMOPS_INLINE int64_t tap_end(int kw, int64_t W, int64_t Wo, int64_t stride) {
   return end < Wo ? end : Wo;
 }
 
-// Input row of output row ho at tap kh, or -1 when it is padding.
-NORMOPS_INLINE int64_t tap_row(int64_t ho, int kh, int64_t H, int64_t stride) {
-  const int64_t hi = ho * stride - 1 + kh;
-  return hi >= 0 && hi < H ? hi : -1;
-}
-
 // Output row that reads input row hi at tap kh, or -1 when there is none.
 NORMOPS_INLINE int64_t tap_output_row(int64_t hi, int kh, int64_t Ho, int64_t stride) {
   const int64_t t = hi + 1 - kh;
@@ -1487,9 +1481,9 @@ void channel_order_row(const A* const* rows, int64_t Ws, int64_t Wt, int64_t str
   }
 }
 
-// Channels_last image: target rows [r0, r1) (Wt pixels each) of the
-// convolution of src (Hs x Ws x C) with wt (9 x C), or of its transpose,
-// the taps summed in (kh, kw) order (the scalar channel tails of the two
+// Channels_last, one target row (Wt pixels) of the convolution with wt
+// (9 x C), or of its transpose, from the source rows (Ws pixels) of taps kh
+// (null: padding), the taps summed in (kh, kw) order (the scalar channel tails of the two
 // orders may still round differently: one contracts to FMA, one does not).
 // Two loop orders, by the channels:
 //  - pixel order, all the channels of a pixel at a time, its nine sources
@@ -1504,40 +1498,25 @@ void channel_order_row(const A* const* rows, int64_t Ws, int64_t Wt, int64_t str
 // and 32x144x56x56 within 5%; stride 2 with few channels and large images
 // slower in channel order: 32x96x112x112 8228 -> 11448 / 7917 -> 12690.
 template <typename A, bool transposed>
-void depthwise_rows_gather(const A* src, int64_t Hs, int64_t Ws, int64_t C, int64_t stride,
-                           const A* wt, int64_t r0, int64_t r1, int64_t Wt, A* out) {
-  const A* rows[3];  // the source row of each tap kh, null for padding
-  const auto set_rows = [&](int64_t r) {
+void gather_row(const A* const* rows, int64_t Ws, int64_t Wt, int64_t stride, int64_t C,
+                const A* wt, A* out) {
+  if (channel_order<A>(C))
+    return channel_order_row<A, Act::None, transposed>(rows, Ws, Wt, stride, C, wt, C, nullptr,
+                                                      out);
+  const A* in[9];
+  const A* wk[9];
+  for (int64_t t = 0; t < Wt; ++t) {
+    int taps = 0;
     for (int kh = 0; kh < 3; ++kh) {
-      const int64_t sr = tap_source<transposed>(r, kh, Hs, stride);
-      rows[kh] = sr < 0 ? nullptr : src + sr * Ws * C;
-    }
-  };
-  if (!channel_order<A>(C)) {
-    const A* in[9];
-    const A* wk[9];
-    for (int64_t r = r0; r < r1; ++r) {
-      set_rows(r);
-      for (int64_t t = 0; t < Wt; ++t) {
-        int taps = 0;
-        for (int kh = 0; kh < 3; ++kh) {
-          if (rows[kh] == nullptr) continue;
-          for (int kw = 0; kw < 3; ++kw) {
-            const int64_t sc = tap_source<transposed>(t, kw, Ws, stride);
-            if (sc < 0) continue;
-            in[taps] = rows[kh] + sc * C;
-            wk[taps++] = wt + (kh * 3 + kw) * C;
-          }
-        }
-        depthwise_pixel(in, wk, taps, C, out + (r * Wt + t) * C);
+      if (rows[kh] == nullptr) continue;
+      for (int kw = 0; kw < 3; ++kw) {
+        const int64_t sc = tap_source<transposed>(t, kw, Ws, stride);
+        if (sc < 0) continue;
+        in[taps] = rows[kh] + sc * C;
+        wk[taps++] = wt + (kh * 3 + kw) * C;
       }
     }
-    return;
-  }
-  for (int64_t r = r0; r < r1; ++r) {
-    set_rows(r);
-    channel_order_row<A, Act::None, transposed>(rows, Ws, Wt, stride, C, wt, C, nullptr,
-                                                out + r * Wt * C);
+    depthwise_pixel(in, wk, taps, C, out + t * C);
   }
 }
 
@@ -1546,7 +1525,7 @@ void depthwise3x3_row(const A* const* rows, int64_t W, int64_t Wo, int64_t strid
                       const A* w, int64_t ldw, const A* bias, A* out) {
   using V = vec_t<A>;
   constexpr int64_t L = kVecLen<A>;
-  if (channel_order<A>(C))  // as depthwise_rows_gather
+  if (channel_order<A>(C))  // as gather_row
     return channel_order_row<A, act, false>(rows, W, Wo, stride, C, w, ldw, bias, out);
   for (int64_t wo = 0; wo < Wo; ++wo) {
     const int64_t w0 = wo * stride - 1;
@@ -1566,12 +1545,11 @@ void depthwise3x3_row(const A* const* rows, int64_t W, int64_t Wo, int64_t strid
   }
 }
 
-// Channels_last image, output rows [ho0, ho1): y (Ho x Wo x C) = conv(x
-// (H x W x C), wt (9 x C)).
+// Channels_last, one output row y (Wo x C) of an image W pixels wide.
 template <typename A>
-void depthwise_rows(const A* x, int64_t H, int64_t W, int64_t C, int64_t stride, const A* wt,
-                    int64_t ho0, int64_t ho1, A* y) {
-  depthwise_rows_gather<A, false>(x, H, W, C, stride, wt, ho0, ho1, (W - 1) / stride + 1, y);
+void depthwise_row(const A* const* rows, int64_t W, int64_t C, int64_t stride, const A* wt,
+                   A* y) {
+  gather_row<A, false>(rows, W, (W - 1) / stride + 1, stride, C, wt, y);
 }
 
 // Channels_last image, input rows [hi0, hi1) of dx, each pixel gathering the
@@ -1579,13 +1557,21 @@ void depthwise_rows(const A* x, int64_t H, int64_t W, int64_t C, int64_t stride,
 template <typename A>
 void depthwise_rows_grad_input(const A* dy, int64_t H, int64_t W, int64_t C, int64_t stride,
                                const A* wt, int64_t hi0, int64_t hi1, A* dx) {
-  depthwise_rows_gather<A, true>(dy, (H - 1) / stride + 1, (W - 1) / stride + 1, C, stride, wt,
-                                 hi0, hi1, W, dx);
+  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+  for (int64_t hi = hi0; hi < hi1; ++hi) {
+    const A* rows[3];  // the output row of each tap kh, null for none
+    for (int kh = 0; kh < 3; ++kh) {
+      const int64_t ho = tap_output_row(hi, kh, Ho, stride);
+      rows[kh] = ho < 0 ? nullptr : dy + ho * Wo * C;
+    }
+    gather_row<A, true>(rows, Wo, W, stride, C, wt, dx + hi * W * C);
+  }
 }
 
-// Channels_last image, output rows [ho0, ho1): the weight gradient (9 x C)
-// added to dw. A row's sums are kept in `row` (9 x C, in A; rows are added
-// to dw in double). The row is walked in tiles of kTileColumns output
+// Channels_last, one output row dy (Wo x C) of an image W pixels wide: its
+// weight gradient (9 x C), from the input rows of taps kh (null: padding),
+// added to dw. The row's sums are kept in `row` (9 x C, in A) and added to
+// dw in double. The row is walked in tiles of kTileColumns output
 // columns, whose input pixels stay in L1 while every vector of channels
 // sums its nine taps over the tile in registers: walking the whole row per
 // vector of channels rereads it from L2 each time, and summing each pixel
@@ -1593,18 +1579,12 @@ void depthwise_rows_grad_input(const A* dy, int64_t H, int64_t W, int64_t C, int
 constexpr int64_t kTileColumns = 8;
 
 template <typename A>
-void depthwise_rows_grad_weight(const A* dy, const A* x, int64_t H, int64_t W, int64_t C,
-                                int64_t stride, int64_t ho0, int64_t ho1, A* row, double* dw) {
+void depthwise_row_grad_weight(const A* g, const A* const* rows, int64_t W, int64_t C,
+                               int64_t stride, A* row, double* dw) {
   using V = vec_t<A>;
   constexpr int64_t L = kVecLen<A>;
   const int64_t Wo = (W - 1) / stride + 1;
-  for (int64_t ho = ho0; ho < ho1; ++ho) {
-    const A* rows[3];  // the input row of each kh, null for padding
-    for (int kh = 0; kh < 3; ++kh) {
-      const int64_t hi = tap_row(ho, kh, H, stride);
-      rows[kh] = hi < 0 ? nullptr : x + hi * W * C;
-    }
-    const A* g = dy + ho * Wo * C;
+  {
     // Adds the products of output columns [wo0, wo1) at channel c to acc
     // (nine V, or nine A for one channel).
     const auto columns = [&](auto* acc, int64_t wo0, int64_t wo1, int64_t c) {
@@ -1712,9 +1692,9 @@ const Kernels<T>& kernel_table() {
       &depthwise_plane<acc_t<T>>,
       &depthwise_plane_grad_input<acc_t<T>>,
       &depthwise_plane_grad_weight<acc_t<T>>,
-      &depthwise_rows<acc_t<T>>,
+      &depthwise_row<acc_t<T>>,
       &depthwise_rows_grad_input<acc_t<T>>,
-      &depthwise_rows_grad_weight<acc_t<T>>,
+      &depthwise_row_grad_weight<acc_t<T>>,
       &stream_out<T>,
   };
   return table;
