@@ -192,13 +192,26 @@ def _uses_normops_depthwise(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
-def _depthwise(h: Tensor, w: Tensor, stride: int) -> Tensor:
+def _depthwise(h: Tensor, w: Tensor, stride: int, norm=None) -> Tensor:
+    """The depthwise stage; `norm`, the expansion's batch norm (mean, var,
+    weight, bias, eps), is applied with its ReLU6 by normops' kernel as it
+    reads h (see _fuses_expand_norm)."""
     if _uses_normops_depthwise(h):
-        return call(ops.depthwise_conv3x3, h, w, stride)
+        return call(ops.depthwise_conv3x3, h, w, stride,
+                    *(() if norm is None else (*norm, _RELU6)))
     return F.conv2d(h, w, None, stride, 1, 1, w.size(0))
 
 
-def _train_forward(x: Tensor, params, stages, stride: int, residual: bool):
+def _fuses_expand_norm(x: Tensor, expand_weight: Optional[Tensor]) -> bool:
+    """Whether the recomputing training path hands the expansion's batch
+    norm to normops' depthwise kernel, which applies it to the expanded
+    tensor as it reads it: the normalised tensor, the block's largest, is
+    then never stored, in the forward or in the backward's recomputation."""
+    return expand_weight is not None and _uses_normops_depthwise(x)
+
+
+def _train_forward(x: Tensor, params, stages, stride: int, residual: bool,
+                   fuse_expand_norm: bool = False):
     """The block in training mode: torch's 1x1 convolutions, normops'
     depthwise convolution and batch-norm op (ReLU6 fused into the first two),
     with the given parameter tensors, channels_last where normops' depthwise
@@ -207,23 +220,29 @@ def _train_forward(x: Tensor, params, stages, stride: int, residual: bool):
     (bottleneck-sized) and the three batch norms' batch (mean, var); moves
     the running statistics once everything has succeeded. With grad enabled
     it records the graph (the ops are differentiable: memory_efficient=False);
-    _RecomputedTrainBlock runs it without."""
+    _RecomputedTrainBlock runs it without, and with fuse_expand_norm (see
+    _fuses_expand_norm)."""
     ew, ebw, ebb, dw, dbw, dbb, pw, pbw, pbb = params
+    modules = [None if p is None else p[1] for p in stages]
     x_run = x
     if _uses_normops_depthwise(x):
         x_run = x.contiguous(memory_format=torch.channels_last)
-    stats, h = [], x_run
-    convs = [(ew, ebw, ebb, lambda h, w: F.conv2d(h, w), _RELU6),
-             (dw, dbw, dbb, lambda h, w: _depthwise(h, w, stride), _RELU6),
-             (pw, pbw, pbb, lambda h, w: F.conv2d(h, w), 0)]
-    modules = [None if p is None else p[1] for p in stages]
-    for (w, bw, bb, conv, act), module in zip(convs, modules):
-        if w is None:
-            stats.append(None)
-            continue
-        pre_norm = conv(h, w)
-        h, mean, var = call(ops.batch_norm, pre_norm, bw, bb, None, None, True, module.eps, act)
-        stats.append((mean, var, h.numel() // h.size(1)))
+    stats, h, expand_norm = [None], x_run, None
+    if ew is not None:
+        h = F.conv2d(x_run, ew)
+        if fuse_expand_norm and _fuses_expand_norm(x, ew):
+            mean, var = ops.batch_norm_stats(h)
+            expand_norm = (mean, var, ebw, ebb, modules[0].eps)
+        else:
+            h, mean, var = call(ops.batch_norm, h, ebw, ebb, None, None, True, modules[0].eps,
+                                _RELU6)
+        stats[0] = (mean, var, h.numel() // h.size(1))
+    h = _depthwise(h, dw, stride, expand_norm)
+    h, mean, var = call(ops.batch_norm, h, dbw, dbb, None, None, True, modules[1].eps, _RELU6)
+    stats.append((mean, var, h.numel() // h.size(1)))
+    pre_norm = F.conv2d(h, pw)
+    h, mean, var = call(ops.batch_norm, pre_norm, pbw, pbb, None, None, True, modules[2].eps, 0)
+    stats.append((mean, var, h.numel() // h.size(1)))
     for module, stat in zip(modules, stats):
         if (module is None or not module.training or not module.track_running_stats
                 or module.running_mean is None):
@@ -260,7 +279,8 @@ class _RecomputedTrainBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stages, stride, residual, x, *params):
         with below_autograd():  # the forward of an autograd.Function records nothing
-            out, h3, stats = _train_forward(x, params, stages, stride, residual)
+            out, h3, stats = _train_forward(x, params, stages, stride, residual,
+                                            fuse_expand_norm=True)
         flat = [t for st in stats for t in (st if st is not None else (None, None))]
         ctx.save_for_backward(x, h3, *params, *flat)
         ctx.stride, ctx.residual = stride, residual
@@ -292,13 +312,17 @@ def _recomputed_backward(ctx, grad_out, x, h3, params, flat, needs):
     if _uses_normops_depthwise(x):  # the layout the forward ran in
         x = x.contiguous(memory_format=torch.channels_last)
     s = ctx.stride
-    # The activations, recomputed with the forward's statistics.
-    h1 = a1 = None
+    # The activations, recomputed with the forward's statistics; the
+    # expansion's normalised output only where the depthwise kernel does not
+    # normalise as it reads.
+    h1, dw_in, expand_norm = None, x, None
     if ew is not None:
-        h1 = F.conv2d(x, ew)
-        a1 = ops.batch_norm_elemt(h1, ebw, ebb, m1, v1, ctx.eps[0], _RELU6)
-    dw_in = x if ew is None else a1
-    h2 = _depthwise(dw_in, dw, s)
+        h1 = dw_in = F.conv2d(x, ew)
+        if _fuses_expand_norm(x, ew):
+            expand_norm = (m1, v1, ebw, ebb, ctx.eps[0])
+        else:
+            dw_in = ops.batch_norm_elemt(h1, ebw, ebb, m1, v1, ctx.eps[0], _RELU6)
+    h2 = _depthwise(dw_in, dw, s, expand_norm)
     a2 = ops.batch_norm_elemt(h2, dbw, dbb, m2, v2, ctx.eps[1], _RELU6)
 
     def conv_backward(g, inp, w, stride, padding, groups, need_input, need_weight):
@@ -318,7 +342,9 @@ def _recomputed_backward(ctx, grad_out, x, h3, params, flat, needs):
                                     needs[5], needs[6])
     need_dw_in = needs[0] or ew is not None
     if _uses_normops_depthwise(dw_in):
-        d_in, g_dw = ops.depthwise_conv3x3_backward(dh2, dw_in, dw, s, [need_dw_in, needs[4]])
+        d_in, g_dw = ops.depthwise_conv3x3_backward(
+            dh2, dw_in, dw, s, [need_dw_in, needs[4]],
+            *(() if expand_norm is None else (*expand_norm, _RELU6)))
         d_in, g_dw = (d_in if need_dw_in else None), (g_dw if needs[4] else None)
     else:
         d_in, g_dw = conv_backward(dh2, dw_in, dw, s, 1, dw.size(0), need_dw_in, needs[4])
