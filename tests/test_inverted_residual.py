@@ -81,6 +81,18 @@ def test_train_matches_torchvision_block_float32(cfg, layout):
                    torch.float32)
 
 
+@pytest.mark.parametrize("cfg", SMALL, ids=block_id)
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["recompute", "keep"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_train_batch_of_one(cfg, memory_efficient, dtype, layout):
+    """Batch 1, where the 1x1 convolutions run as matrix products (one
+    image up to 56x56; 57x57 stays a convolution)."""
+    ours, ref = make_pair(cfg, dtype, memory_efficient)
+    for H, W in ((9, 7), (57, 57)):
+        _train_compare(ours, ref, make_input((1, cfg[0], H, W), dtype, layout=layout), dtype)
+
+
 def test_train_momentum_none_and_no_grad_updates_running_stats():
     ours, ref = make_pair((16, 16, 1, 6))
     for m in list(ours.modules()) + list(ref.modules()):
