@@ -57,7 +57,6 @@ inline void read_as_double(const Tensor& t, double* out) {
   });
 }
 
-// A per-channel parameter in double, `fill` repeated when absent.
 // Whether two CPU tensors of one dtype and shape hold the same values: their
 // bytes when both are contiguous (memcmp reads ~4x faster than torch.equal
 // compares), else torch.equal. For caches of values derived from weights that
@@ -70,6 +69,7 @@ inline bool same_values(const Tensor& a, const Tensor& b) {
   return std::memcmp(a.const_data_ptr(), b.const_data_ptr(), a.nbytes()) == 0;
 }
 
+// A per-channel parameter in double, `fill` repeated when absent.
 inline std::vector<double> param_as_double(const OptTensor& p, int64_t C, double fill) {
   std::vector<double> out(static_cast<size_t>(C), fill);
   if (present(p)) read_as_double(*p, out.data());
