@@ -24,6 +24,7 @@ kernel, torch.func
 transforms and forward-mode AD) runs the unfused submodules, exactly as
 torchvision's block does.
 """
+import functools
 from typing import Callable, List, Optional
 
 import torch
@@ -54,12 +55,20 @@ def _conv_norm_act(inp: int, oup: int, kernel: int, stride: int, groups: int,
 def _is_bn(m) -> bool:
     """torch's or normops' BatchNorm2d itself: a subclass may have its own
     forward, which the fused paths would skip."""
+    return type(m) is nn.BatchNorm2d or type(m) is _normops_batch_norm()
+
+
+@functools.lru_cache(maxsize=None)
+def _normops_batch_norm() -> type:
     from .nn import BatchNorm2d  # normops.nn imports this module
-    return type(m) in (nn.BatchNorm2d, BatchNorm2d)
+    return BatchNorm2d
 
 
 def _is_conv(m, kernel, stride, groups) -> bool:
-    return (type(m) is nn.Conv2d and m.bias is None and m.kernel_size == (kernel, kernel)
+    # _parameters, not m.bias: nn.Module.__getattr__ is slow, and this runs
+    # on every forward.
+    return (type(m) is nn.Conv2d and m._parameters.get("bias") is None
+            and m.kernel_size == (kernel, kernel)
             and m.stride == (stride, stride) and m.padding == ((kernel - 1) // 2,) * 2
             and m.dilation == (1, 1) and m.groups == groups and m.padding_mode == "zeros")
 
@@ -115,15 +124,18 @@ def _runs_hooks(conv: nn.Sequential) -> bool:
     """Whether running the submodules would run hooks (on one of them, or
     global module hooks), which the fused paths would skip: pruning and
     weight-norm pre-hooks rewrite weights, forward hooks observe outputs."""
+    if (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
+            or _module_hooks._global_backward_hooks or _module_hooks._global_backward_pre_hooks):
+        return True
     stack = [conv]
     while stack:  # conv.modules() without its bookkeeping: this runs on every forward
         module = stack.pop()
+        if module is None:  # a child registered as None
+            continue
         if has_hooks(module):
             return True
-        stack.extend(m for m in module._modules.values() if m is not None)
-    return bool(_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
-                or _module_hooks._global_backward_hooks
-                or _module_hooks._global_backward_pre_hooks)
+        stack += module._modules.values()
+    return False
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d):
@@ -433,9 +445,15 @@ class InvertedResidual(nn.Module):
         counters, which writes through .data, fused optimizers and NumPy
         views leave alone: comparing the weights (memcmp) costs a fraction
         of folding them (160-channel block at batch 1: ~40 of 300 us)."""
-        tensors = [t for pair in stages if pair is not None for m in pair
-                   for t in (m.weight, getattr(m, "bias", None), getattr(m, "running_mean", None),
-                             getattr(m, "running_var", None)) if t is not None]
+        # Read from the modules' dicts: nn.Module.__getattr__ took a third of
+        # this function's time on a small block (block_stages checked the types).
+        tensors = []
+        for pair in filter(None, stages):
+            conv, bn = pair
+            tensors.append(conv._parameters["weight"])
+            tensors += [t for t in (bn._parameters.get("weight"), bn._parameters.get("bias"),
+                                    bn._buffers.get("running_mean"), bn._buffers.get("running_var"))
+                        if t is not None]
         differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         cacheable = not (differentiable or torch.compiler.is_compiling()
                          or any(t.is_inference() for t in tensors))
