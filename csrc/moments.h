@@ -33,6 +33,16 @@ struct Moments {
   A m2;  // sum of squared deviations from the mean
 };
 
+// The mean of two samples merged, sample b weighing wb: mean + delta * wb
+// (delta = mean_b - mean), accurate for close means. Where delta is not
+// finite (an infinite mean, or means that overflow apart) the weighted sum
+// instead: +-inf (NaN for +inf with -inf), as the sum over the samples that
+// torch's batch statistics divide gives; mean + delta * wb would be NaN.
+template <typename A>
+NORMOPS_HD A merged_mean(A mean, A mean_b, A delta, A wb) {
+  return delta - delta == A(0) ? mean + delta * wb : mean * (A(1) - wb) + mean_b * wb;
+}
+
 // Chan, Golub & LeVeque: merge the moments of two disjoint samples. Into an
 // empty one it copies: delta^2 * 0 would be NaN once |mean| > ~1.8e19 in
 // float32.
@@ -48,7 +58,7 @@ NORMOPS_HD void chan_merge(A& count, A& mean, A& m2, A count_b, A mean_b, A m2_b
   }
   const A delta = mean_b - mean;
   const A wb = count_b / n;
-  mean += delta * wb;
+  mean = merged_mean(mean, mean_b, delta, wb);
   m2 += m2_b + delta * delta * count * wb;
   count = n;
 }
@@ -63,7 +73,7 @@ template <typename A>
 NORMOPS_HD void welford_add(A& count, A& mean, A& m2, A v) {
   count += A(1);
   const A d = v - mean;
-  mean += d / count;
+  mean = merged_mean(mean, v, d, A(1) / count);
   m2 += d * (v - mean);
 }
 

@@ -260,6 +260,32 @@ def test_statistics_of_extreme_values(layout, channels):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (4, 40, 30, 30), (2, 144, 7, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_infinities_give_torchs_running_mean(layout, shape, dtype):
+    """A channel holding +inf has a running mean of +inf, as torch's (its
+    batch mean is a sum over the channel), in every merge of partial
+    statistics: +inf in a block's first row (the shift of the channels_last
+    sums), in one task's rows only, +inf with -inf (NaN), -inf alone."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(*shape, dtype=dtype)
+    x[0, 0, 0, 0] = float("inf")
+    x[1, 1, -1, -1] = float("inf")
+    x[0, 2, 0, 0], x[-1, 2, 1, 2] = float("inf"), float("-inf")
+    x[-1, -1, 2, 3] = float("-inf")
+    x = x.contiguous(memory_format=fmt)
+    ours, theirs = normops.nn.BatchNorm2d(shape[1]).to(dtype), torch.nn.BatchNorm2d(shape[1]).to(dtype)
+    ours(x), theirs(x)
+    for a, b in ((ours.running_mean, theirs.running_mean), (ours.running_var, theirs.running_var)):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        torch.testing.assert_close(a[a.isfinite()], b[b.isfinite()])
+        assert torch.equal(a[a.isinf()], b[b.isinf()])
+    mean, _ = torch.ops.normops.batch_norm_stats(x)
+    torch.testing.assert_close(mean, ours.running_mean / 0.1, equal_nan=True)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_float64_backward_at_a_huge_spread(layout):
     """rstd^3 underflows double at a spread of 1e105: the input gradient's
     correction term must not vanish."""

@@ -397,17 +397,19 @@ NORMOPS_INLINE void prefetch_run(const T* run, int64_t len) {
 // elements, run j at x + j * stride. The first pass is shifted by the block's
 // first value, so the sum stays at the scale of the spread, not of the mean;
 // the second is the corrected two-pass, which removes the rounding left in
-// the block mean. The second pass, which reads the block from cache, also
-// prefetches the block to follow (next_runs runs of next_len values from
-// `next`, same stride; none when next_runs is 0): memory would otherwise sit
-// idle until that block's first pass.
+// the block mean (an infinite first value shifts by 0). The second pass,
+// which reads the block from cache, also prefetches the block to follow
+// (next_runs runs of next_len values from `next`, same stride; none when
+// next_runs is 0): memory would otherwise sit idle until that block's first
+// pass.
 template <typename T>
 NORMOPS_INLINE void block_moments(const T* x, int64_t len, int64_t stride, int64_t runs,
                                   const T* next, int64_t next_len, int64_t next_runs,
                                   acc_t<T>& mean, acc_t<T>& m2) {
   using A = acc_t<T>;
   using V = vec_t<A>;
-  const A shift = load(x[0]);
+  const A first = load(x[0]);
+  const A shift = first - first == A(0) ? first : A(0);  // inf - inf would be NaN
   const V vshift = V{} + shift;
   VecSums<A, 1> shifted;
   for (int64_t j = 0; j < runs; ++j) {
@@ -741,8 +743,13 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
   for (int64_t b0 = 0; b0 < rows; b0 += block_rows) {
     const int64_t n = rows - b0 < block_rows ? rows - b0 : block_rows;
     const T* __restrict xb = x + b0 * C;
+    // The shift: the block's first row, where finite (an infinite shift
+    // makes every difference inf - inf).
     NORMOPS_SIMD
-    for (int64_t c = 0; c < C; ++c) sh[c] = load(xb[c]);
+    for (int64_t c = 0; c < C; ++c) {
+      const A first = load(xb[c]);
+      sh[c] = first - first == A(0) ? first : A(0);
+    }
     if (nv > 0) {
       replicate(sh, C, lanes, period[0]);
       with_period(nv, [&](auto NV) {
@@ -751,9 +758,14 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
       fold_period(period[1], C, lanes, s, false);
       fold_period(period[2], C, lanes, q, false);
     } else {
+      // Row 0 is the shift itself (d = 0) unless it was not finite: the
+      // sums start from its d and run over the other rows.
       NORMOPS_SIMD
-      for (int64_t c = 0; c < C; ++c) s[c] = q[c] = 0;
-      // Row 0 is the shift itself (d = 0).
+      for (int64_t c = 0; c < C; ++c) {
+        const A d0 = load(xb[c]) - sh[c];
+        s[c] = d0;
+        q[c] = d0 * d0;
+      }
       A* const sums[2] = {s, q};
       const auto vterms = [&](int64_t r, int64_t c, vec_t<A>* acc) {
         const vec_t<A> d = vload_widened(xb + r * C + c) - vload(sh + c);
@@ -786,8 +798,8 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
       const A wb = A(n) / (count + A(n)), w = count * wb;
       NORMOPS_SIMD
       for (int64_t c = 0; c < C; ++c) {
-        const A delta = sh[c] + s[c] * inv - om[c];
-        om[c] += delta * wb;
+        const A block_mean = sh[c] + s[c] * inv, delta = block_mean - om[c];
+        om[c] = merged_mean(om[c], block_mean, delta, wb);
         const A block_m2 = q[c] - s[c] * inv * s[c];
         oq[c] += (block_m2 < A(0) ? A(0) : block_m2) + delta * delta * w;
       }
@@ -806,7 +818,7 @@ void merge_columns(A* __restrict mean, A* __restrict m2, A count_a, const A* __r
   NORMOPS_SIMD
   for (int64_t c = 0; c < C; ++c) {
     const A delta = mean_b[c] - mean[c];
-    mean[c] += delta * wb;
+    mean[c] = merged_mean(mean[c], mean_b[c], delta, wb);
     m2[c] += m2_b[c] + delta * delta * w;
   }
 }
