@@ -14,11 +14,12 @@ from normops.ops.batch_norm import apply_activation
 
 ops = torch.ops.normops
 
-# Channels_last runs pixel by pixel up to ~227 float channels, by vectors of
-# channels above (csrc/cpu/kernels/kernels_impl.h, gather_row):
-# 245 channels take that path with a tail of channels (float64 from ~114
-# channels: 120), 70 columns two of its column blocks, and 1-2 rows or columns
-# its edges.
+# Channels_last runs by vectors of channels up to 128 bytes of channels (32
+# floats; the input gradient at stride 2 excepted) and above ~227 float
+# channels, pixel by pixel between (csrc/cpu/kernels/kernels_impl.h,
+# channel_order): 3-24 channels and 245 (with a tail of channels; float64
+# from ~114 channels: 120) take the first, 33 the second; 70 columns two
+# column blocks, and 1-2 rows or columns the edges.
 SHAPES = [(2, 3, 5, 7), (1, 17, 1, 1), (3, 16, 8, 8), (2, 33, 9, 4), (1, 5, 2, 3),
           (2, 24, 13, 11), (1, 1, 6, 1), (2, 245, 5, 7), (1, 245, 3, 70), (1, 245, 1, 2),
           (2, 120, 2, 1)]

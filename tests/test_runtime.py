@@ -62,9 +62,10 @@ for dtype in (torch.float32, torch.float64):
         torch.set_num_threads(threads)
 # The training depthwise convolution: vector bodies and scalar edges (37
 # channels, 19 columns), channels_last's channel order (245 channels, 70
-# columns: two column blocks), both strides and layouts.
+# columns: two column blocks; 20 channels, few enough for it too), both
+# strides and layouts.
 for dtype, s, cl, (C, W) in itertools.product((torch.float32, torch.float64), (1, 2),
-                                               (False, True), ((37, 19), (245, 70))):
+                                               (False, True), ((37, 19), (245, 70), (20, 19))):
     x = torch.randn(2, C, 11, W, dtype=dtype, requires_grad=True)
     w = torch.randn(C, 1, 3, 3, dtype=dtype, requires_grad=True)
     xin = x.to(memory_format=torch.channels_last) if cl else x
