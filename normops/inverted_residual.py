@@ -438,6 +438,13 @@ class InvertedResidual(nn.Module):
     def extra_repr(self) -> str:
         return f"memory_efficient={self.memory_efficient}"
 
+    def __getstate__(self):
+        # The fold cache is derived from the weights: torch.save(module) and
+        # deepcopy would store them twice more (mobilenet_v2: 14 -> 29 MB).
+        state = super().__getstate__()
+        state.pop("_fold_cache", None)
+        return state
+
     def _folded(self, stages) -> List[Optional[Tensor]]:
         """Folded weights and biases, cached while the parameters, running
         statistics and eps hold what was folded, unless they carry a graph or

@@ -2,6 +2,7 @@
 normops::inverted_residual op against torchvision's block and network
 rebuilt from torch.nn (tests/reference_models.py)."""
 import copy
+import io
 import json
 from pathlib import Path
 
@@ -203,6 +204,25 @@ def test_eval_fold_cache_sees_writes_that_bypass_version_counters():
                 opt.step()
     with torch.no_grad():
         assert_close(ours(x), ref(x))
+
+
+def test_pickling_leaves_the_fold_cache_out():
+    """torch.save of an evaluated module stores its weights once; the copy
+    folds again on its first call and matches."""
+    ours, ref = make_pair((16, 16, 1, 6))
+    ours.eval(), ref.eval()
+    x = make_input((2, 16, 5, 5), torch.float64)
+    with torch.no_grad():
+        ours(x)
+        sizes = []
+        for module in (ours, normops.nn.InvertedResidual(16, 16, 1, 6).double()):
+            buffer = io.BytesIO()
+            torch.save(module, buffer)
+            sizes.append(buffer.getbuffer().nbytes)
+        assert sizes[0] < 1.1 * sizes[1]
+        clone = copy.deepcopy(ours)
+        assert not hasattr(clone, "_fold_cache")
+        assert_close(clone(x), ref(x))
 
 
 def test_same_contents_compares_bytes():
