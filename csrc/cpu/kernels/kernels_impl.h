@@ -1454,17 +1454,22 @@ NORMOPS_INLINE W gather_taps(const A* const* rows, const int64_t* cols, int64_t 
 constexpr int64_t kGatherColumns = 64;
 
 // Channel order once a pixel's nine sources and weights (18 x C values)
-// outgrow half of L1, and for up to 128 bytes of channels (32 floats), too
-// few to pay for pixel order's per-pixel setup of nine taps (one process, 2
-// threads, pixel -> channel order, forward / input gradient in ms:
-// 1x32x112x112 0.168 -> 0.087 / 0.198 -> 0.124, 32x32x112x112 8.5 -> 7.0 /
-// 8.7 -> 7.9, 4x16x112x112 0.60 -> 0.22 / 0.63 -> 0.38), except for the
-// input gradient at stride 2, whose columns alternate between taps (32x32x
-// 112x112 4.4 -> 5.7). Pixel order below (see gather_row).
+// outgrow half of L1.
+template <typename A>
+NORMOPS_INLINE bool wide_channels(int64_t C) {
+  return 18 * C * int64_t(sizeof(A)) > 16 * 1024;
+}
+
+// gather_row's order: channel order for wide rows, and for up to 128 bytes
+// of channels (32 floats), too few to pay for pixel order's per-pixel setup
+// of nine taps (one process, 2 threads, pixel -> channel order, forward /
+// input gradient in ms: 1x32x112x112 0.168 -> 0.087 / 0.198 -> 0.124,
+// 32x32x112x112 8.5 -> 7.0 / 8.7 -> 7.9, 4x16x112x112 0.60 -> 0.22 / 0.63 ->
+// 0.38), except for the input gradient at stride 2, whose columns alternate
+// between taps (32x32x112x112 4.4 -> 5.7).
 template <typename A>
 NORMOPS_INLINE bool channel_order(int64_t C, bool strided_gradient) {
-  const int64_t bytes = C * int64_t(sizeof(A));
-  return (bytes <= 128 && !strided_gradient) || 18 * bytes > 16 * 1024;
+  return wide_channels<A>(C) || (C * int64_t(sizeof(A)) <= 128 && !strided_gradient);
 }
 
 // One channels_last target row in channel order: out (Wt x C) = act(bias +
@@ -1544,7 +1549,9 @@ void depthwise3x3_row(const A* const* rows, int64_t W, int64_t Wo, int64_t strid
                       const A* w, int64_t ldw, const A* bias, A* out) {
   using V = vec_t<A>;
   constexpr int64_t L = kVecLen<A>;
-  if (channel_order<A>(C, false))  // as gather_row
+  // Channel order for wide rows only: this pixel order sets its taps up
+  // inline, without the per-pixel setup gather_row pays.
+  if (wide_channels<A>(C))
     return channel_order_row<A, act, false>(rows, W, Wo, stride, C, w, ldw, bias, out);
   for (int64_t wo = 0; wo < Wo; ++wo) {
     const int64_t w0 = wo * stride - 1;
