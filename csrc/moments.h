@@ -33,6 +33,13 @@ struct Moments {
   A m2;  // sum of squared deviations from the mean
 };
 
+// Whether v is finite, written so that the vectoriser keeps it (v - v is
+// NaN for +-inf and NaN).
+template <typename A>
+NORMOPS_HD bool is_finite(A v) {
+  return v - v == A(0);
+}
+
 // The mean of two samples merged, sample b weighing wb: mean + delta * wb
 // (delta = mean_b - mean), accurate for close means. Where delta is not
 // finite (an infinite mean, or means that overflow apart) the weighted sum
@@ -40,7 +47,7 @@ struct Moments {
 // torch's batch statistics divide gives; mean + delta * wb would be NaN.
 template <typename A>
 NORMOPS_HD A merged_mean(A mean, A mean_b, A delta, A wb) {
-  return delta - delta == A(0) ? mean + delta * wb : mean * (A(1) - wb) + mean_b * wb;
+  return is_finite(delta) ? mean + delta * wb : mean * (A(1) - wb) + mean_b * wb;
 }
 
 // Chan, Golub & LeVeque: merge the moments of two disjoint samples. Into an

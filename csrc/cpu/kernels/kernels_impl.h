@@ -409,7 +409,7 @@ NORMOPS_INLINE void block_moments(const T* x, int64_t len, int64_t stride, int64
   using A = acc_t<T>;
   using V = vec_t<A>;
   const A first = load(x[0]);
-  const A shift = first - first == A(0) ? first : A(0);  // inf - inf would be NaN
+  const A shift = is_finite(first) ? first : A(0);  // inf - inf would be NaN
   const V vshift = V{} + shift;
   VecSums<A, 1> shifted;
   for (int64_t j = 0; j < runs; ++j) {
@@ -748,7 +748,7 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
     NORMOPS_SIMD
     for (int64_t c = 0; c < C; ++c) {
       const A first = load(xb[c]);
-      sh[c] = first - first == A(0) ? first : A(0);
+      sh[c] = is_finite(first) ? first : A(0);
     }
     if (nv > 0) {
       replicate(sh, C, lanes, period[0]);
@@ -1610,42 +1610,40 @@ void depthwise_row_grad_weight(const A* g, const A* const* rows, int64_t W, int6
   using V = vec_t<A>;
   constexpr int64_t L = kVecLen<A>;
   const int64_t Wo = (W - 1) / stride + 1;
-  {
-    // Adds the products of output columns [wo0, wo1) at channel c to acc
-    // (nine V, or nine A for one channel).
-    const auto columns = [&](auto* acc, int64_t wo0, int64_t wo1, int64_t c) {
-      for (int64_t wo = wo0; wo < wo1; ++wo) {
-        const auto gv = load_as(g + wo * C + c, acc);
-        for (int kh = 0; kh < 3; ++kh) {
-          if (rows[kh] == nullptr) continue;
-          for (int kw = 0; kw < 3; ++kw) {
-            const int64_t wi = wo * stride - 1 + kw;
-            if (wi >= 0 && wi < W) acc[kh * 3 + kw] += gv * load_as(rows[kh] + wi * C + c, acc);
-          }
+  // Adds the products of output columns [wo0, wo1) at channel c to acc
+  // (nine V, or nine A for one channel).
+  const auto columns = [&](auto* acc, int64_t wo0, int64_t wo1, int64_t c) {
+    for (int64_t wo = wo0; wo < wo1; ++wo) {
+      const auto gv = load_as(g + wo * C + c, acc);
+      for (int kh = 0; kh < 3; ++kh) {
+        if (rows[kh] == nullptr) continue;
+        for (int kw = 0; kw < 3; ++kw) {
+          const int64_t wi = wo * stride - 1 + kw;
+          if (wi >= 0 && wi < W) acc[kh * 3 + kw] += gv * load_as(rows[kh] + wi * C + c, acc);
         }
       }
-    };
-    NORMOPS_SIMD
-    for (int64_t i = 0; i < 9 * C; ++i) row[i] = 0;
-    for (int64_t wo0 = 0; wo0 < Wo; wo0 += kTileColumns) {
-      const int64_t wo1 = wo0 + kTileColumns < Wo ? wo0 + kTileColumns : Wo;
-      int64_t c = 0;
-      for (; c + L <= C; c += L) {
-        V acc[9];
-        for (int t = 0; t < 9; ++t) acc[t] = vload(row + t * C + c);
-        columns(acc, wo0, wo1, c);
-        for (int t = 0; t < 9; ++t) vstore(row + t * C + c, acc[t]);
-      }
-      for (; c < C; ++c) {
-        A acc[9];
-        for (int t = 0; t < 9; ++t) acc[t] = row[t * C + c];
-        columns(acc, wo0, wo1, c);
-        for (int t = 0; t < 9; ++t) row[t * C + c] = acc[t];
-      }
     }
-    NORMOPS_SIMD
-    for (int64_t i = 0; i < 9 * C; ++i) dw[i] += row[i];
+  };
+  NORMOPS_SIMD
+  for (int64_t i = 0; i < 9 * C; ++i) row[i] = 0;
+  for (int64_t wo0 = 0; wo0 < Wo; wo0 += kTileColumns) {
+    const int64_t wo1 = wo0 + kTileColumns < Wo ? wo0 + kTileColumns : Wo;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      V acc[9];
+      for (int t = 0; t < 9; ++t) acc[t] = vload(row + t * C + c);
+      columns(acc, wo0, wo1, c);
+      for (int t = 0; t < 9; ++t) vstore(row + t * C + c, acc[t]);
+    }
+    for (; c < C; ++c) {
+      A acc[9];
+      for (int t = 0; t < 9; ++t) acc[t] = row[t * C + c];
+      columns(acc, wo0, wo1, c);
+      for (int t = 0; t < 9; ++t) row[t * C + c] = acc[t];
+    }
   }
+  NORMOPS_SIMD
+  for (int64_t i = 0; i < 9 * C; ++i) dw[i] += row[i];
 }
 
 // ---- Non-temporal output.
