@@ -204,13 +204,13 @@ def _uses_normops_depthwise(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
-def _depthwise(h: Tensor, w: Tensor, stride: int, norm=None) -> Tensor:
-    """The depthwise stage; `norm`, the expansion's batch norm (mean, var,
-    weight, bias, eps), is applied with its ReLU6 by normops' kernel as it
-    reads h (see _fuses_expand_norm)."""
+def _depthwise(h: Tensor, w: Tensor, stride: int, norm: tuple = ()) -> Tensor:
+    """The depthwise stage; `norm`, the op's norm arguments for the
+    expansion's batch norm and ReLU6 (mean, var, weight, bias, eps,
+    activation), is applied by normops' kernel as it reads h (see
+    _fuses_expand_norm)."""
     if _uses_normops_depthwise(h):
-        return call(ops.depthwise_conv3x3, h, w, stride,
-                    *(() if norm is None else (*norm, _RELU6)))
+        return call(ops.depthwise_conv3x3, h, w, stride, *norm)
     return F.conv2d(h, w, None, stride, 1, 1, w.size(0))
 
 
@@ -280,12 +280,12 @@ def _train_forward(x: Tensor, params, stages, stride: int, residual: bool,
     x_run = x
     if _uses_normops_depthwise(x):
         x_run = x.contiguous(memory_format=torch.channels_last)
-    stats, h, expand_norm = [None], x_run, None
+    stats, h, expand_norm = [None], x_run, ()
     if ew is not None:
         h = _pointwise(x_run, ew)
         if fuse_expand_norm and _fuses_expand_norm(x, ew):
             mean, var = ops.batch_norm_stats(h)
-            expand_norm = (mean, var, ebw, ebb, modules[0].eps)
+            expand_norm = (mean, var, ebw, ebb, modules[0].eps, _RELU6)
         else:
             h, mean, var = call(ops.batch_norm, h, ebw, ebb, None, None, True, modules[0].eps,
                                 _RELU6)
@@ -368,11 +368,11 @@ def _recomputed_backward(ctx, grad_out, x, h3, params, flat, needs):
     # The activations, recomputed with the forward's statistics; the
     # expansion's normalised output only where the depthwise kernel does not
     # normalise as it reads.
-    h1, dw_in, expand_norm = None, x, None
+    h1, dw_in, expand_norm = None, x, ()
     if ew is not None:
         h1 = dw_in = _pointwise(x, ew)
         if _fuses_expand_norm(x, ew):
-            expand_norm = (m1, v1, ebw, ebb, ctx.eps[0])
+            expand_norm = (m1, v1, ebw, ebb, ctx.eps[0], _RELU6)
         else:
             dw_in = ops.batch_norm_elemt(h1, ebw, ebb, m1, v1, ctx.eps[0], _RELU6)
     h2 = _depthwise(dw_in, dw, s, expand_norm)
@@ -391,8 +391,7 @@ def _recomputed_backward(ctx, grad_out, x, h3, params, flat, needs):
     need_dw_in = needs[0] or ew is not None
     if _uses_normops_depthwise(dw_in):
         d_in, g_dw = ops.depthwise_conv3x3_backward(
-            dh2, dw_in, dw, s, [need_dw_in, needs[4]],
-            *(() if expand_norm is None else (*expand_norm, _RELU6)))
+            dh2, dw_in, dw, s, [need_dw_in, needs[4]], *expand_norm)
         d_in, g_dw = (d_in if need_dw_in else None), (g_dw if needs[4] else None)
     else:
         d_in, g_dw = torch.ops.aten.convolution_backward(
