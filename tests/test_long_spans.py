@@ -49,14 +49,17 @@ def test_spans_of_several_blocks(name, shape, ours, theirs, dtype):
 ], ids=["group_norm", "batch_norm"])
 @pytest.mark.parametrize("plane", [(40, 50), (50, 60), (70, 80)], ids=["2000", "3000", "5600"])
 def test_half_gradient_sums_of_long_planes(name, ours, theirs, dtype, plane):
-    """16-bit NCHW planes are widened into a float block for the gradient
-    sums when two of a span's planes fit in it (batch norm's channels here),
-    and summed as they are otherwise (longer planes; group norm's one plane
-    per call): both sides of that limit (2048 values)."""
+    """16-bit NCHW planes are widened into a float block for the statistics
+    and the gradient sums when two of a span's planes fit in it (batch
+    norm's channels here), and reduced as they are otherwise (longer planes;
+    group norm's one plane per call): both sides of that limit (2048
+    values)."""
     torch.manual_seed(0)
     x = (torch.randn(3, 8, *plane, dtype=torch.float64) * 2 + 3).to(dtype).requires_grad_()
     ref = x.detach().double().requires_grad_()
     g = torch.randn(x.shape, dtype=torch.float64).to(dtype)
-    (gx,) = torch.autograd.grad(ours(x), x, g)
-    (gr,) = torch.autograd.grad(theirs(ref), ref, g.double())
+    y, yr = ours(x), theirs(ref)
+    assert_close(y, yr, dtype=dtype)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gr,) = torch.autograd.grad(yr, ref, g.double())
     assert_close(gx, gr, dtype=dtype, grad=True)
