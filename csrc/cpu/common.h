@@ -235,6 +235,15 @@ struct StreamFence {
   }
 };
 
+// Whether write_output streams runs of `len` values, in units of `unit`,
+// through its buffer; if not, it writes them in place, one run at a time.
+template <typename T>
+bool streams_through_buffer(bool stream, int64_t len, int64_t unit) {
+  constexpr int64_t kMinRunBytes = 1024;
+  return stream && unit * int64_t(sizeof(T)) <= kStreamBufferBytes &&
+         (len * int64_t(sizeof(T)) >= kMinRunBytes || streaming_mode() == Streaming::Always);
+}
+
 // Writes an output of `count` runs of `len` values, run j at out + j * stride,
 // with produce(dst, offset, n) computing the n values at out + offset into
 // dst[0, n). With `stream`, through a per-thread buffer in L1, in pieces of
@@ -252,11 +261,9 @@ struct StreamFence {
 template <typename T, typename F>
 void write_output(const Kernels<T>& k, bool stream, T* out, int64_t len, int64_t stride,
                   int64_t count, int64_t unit, const F& produce) {
-  constexpr int64_t kPieceBytes = 4 * 1024, kMinRunBytes = 1024;
+  constexpr int64_t kPieceBytes = 4 * 1024;
   const int64_t unit_bytes = unit * int64_t(sizeof(T));
-  const bool buffered =
-      stream && unit_bytes <= kStreamBufferBytes &&
-      (len * int64_t(sizeof(T)) >= kMinRunBytes || streaming_mode() == Streaming::Always);
+  const bool buffered = streams_through_buffer<T>(stream, len, unit);
   T* buf = buffered ? reinterpret_cast<T*>(stream_buffer()) : nullptr;
   const int64_t piece = std::max<int64_t>(1, kPieceBytes / std::max<int64_t>(1, unit_bytes)) * unit;
   for (int64_t j = 0; j < count; ++j) {
