@@ -36,8 +36,10 @@ def extension():
     # -fopenmp to run in parallel. libgomp.so.1 is the one torch loaded.
     # -fno-trapping-math: the select-based half/bfloat16 conversions compute
     # both arms in float; assuming no FP traps lets GCC vectorise them.
-    cxx = opt + ["-fopenmp", "-fvisibility=hidden", "-fno-trapping-math", "-Wall",
-                 "-Wno-unknown-pragmas"]
+    # -fno-math-errno: nothing reads errno, and a sqrt that may set it stays a
+    # scalar call (folding 2048 channels' variances took 10 us).
+    cxx = opt + ["-fopenmp", "-fvisibility=hidden", "-fno-trapping-math", "-fno-math-errno",
+                 "-Wall", "-Wno-unknown-pragmas"]
     kwargs = dict(
         name="normops._C",
         sources=sources,

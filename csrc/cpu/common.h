@@ -52,8 +52,12 @@ T* ptr(const Tensor& t) {
 inline void read_as_double(const Tensor& t, double* out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "normops", [&] {
     const scalar_t* p = t.const_data_ptr<scalar_t>();
-    const int64_t stride = t.stride(0);
-    for (int64_t i = 0; i < t.numel(); ++i) out[i] = static_cast<double>(p[i * stride]);
+    const int64_t stride = t.stride(0), n = t.numel();
+    if (stride == 1) {  // vectorised
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<double>(p[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<double>(p[i * stride]);
+    }
   });
 }
 
