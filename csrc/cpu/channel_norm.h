@@ -127,8 +127,16 @@ void channel_affine(const ChannelView& v, const Tensor& out, const Tensor& mean,
   if (!v.rows) {
     const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
     const int64_t period = per_sample ? v.N * v.C : v.C;
+    const bool buffered = streams_through_buffer<T>(stream, v.HW, 1);
     at::parallel_for(0, v.N * v.C, grain, [&](int64_t p0, int64_t p1) {
       const StreamFence fence{stream};
+      if (!buffered) {  // runs of planes whose constants follow each other
+        for_each_segment(p0, p1, period, [&](int64_t p, int64_t end, int64_t wraps) {
+          const int64_t i = p - wraps * period;
+          k.plane_affine[act](x + p * v.HW, y + p * v.HW, v.HW, end - p, m + i, s + i, h + i);
+        });
+        return;
+      }
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t i = p % period;
         write_output(k, stream, y + p * v.HW, v.HW, 0, 1, 1, [&](T* dst, int64_t o, int64_t n) {

@@ -75,6 +75,10 @@ struct Kernels {
   // accurate for data with a large mean.
   void (*span_affine[kNumActs])(const T* x, T* y, int64_t len, int64_t stride, int64_t count,
                                 A mean, A scale, A bias);
+  // The same over `planes` contiguous planes of len values, plane j with
+  // mean[j], scale[j], bias[j].
+  void (*plane_affine[kNumActs])(const T* x, T* y, int64_t len, int64_t planes, const A* mean,
+                                 const A* scale, const A* bias);
   void (*row_affine[kNumActs])(const T* x, T* y, int64_t rows, int64_t C, const A* mean,
                                const A* scale, const A* bias);
 

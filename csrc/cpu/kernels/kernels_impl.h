@@ -852,6 +852,15 @@ void span_affine(const T* x, T* y, int64_t len, int64_t stride, int64_t count, a
   }
 }
 
+// Contiguous planes of len values, plane j with constants [j]: one call
+// for many short planes (a call per 7x7 plane cost as much as its values).
+template <typename T, Act act>
+void plane_affine(const T* x, T* y, int64_t len, int64_t planes, const acc_t<T>* mean,
+                  const acc_t<T>* scale, const acc_t<T>* bias) {
+  for (int64_t j = 0; j < planes; ++j)
+    span_affine<T, act>(x + j * len, y + j * len, len, 0, 1, mean[j], scale[j], bias[j]);
+}
+
 template <typename T, Act act>
 void row_affine(const T* __restrict x, T* __restrict y, int64_t rows, int64_t C,
                 const acc_t<T>* __restrict mean, const acc_t<T>* __restrict scale,
@@ -1714,6 +1723,7 @@ const Kernels<T>& kernel_table() {
       &column_moments<T>,
       &merge_columns<acc_t<T>>,
       {&span_affine<T, Act::None>, &span_affine<T, Act::ReLU>, &span_affine<T, Act::ReLU6>},
+      {&plane_affine<T, Act::None>, &plane_affine<T, Act::ReLU>, &plane_affine<T, Act::ReLU6>},
       {&row_affine<T, Act::None>, &row_affine<T, Act::ReLU>, &row_affine<T, Act::ReLU6>},
       {&span_grad_sums<T, Act::None>, &span_grad_sums<T, Act::ReLU>,
        &span_grad_sums<T, Act::ReLU6>},
