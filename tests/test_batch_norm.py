@@ -115,6 +115,31 @@ def test_batchnorm_reduced_precision(device, dtype, layout, param_dtype):
     assert_close(ours.running_var, ref.running_var, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", [None, "relu6"])
+def test_eval_short_planes_split_across_threads(dtype, activation):
+    """NCHW eval: runs of short planes take their constants in one kernel
+    call (plane_affine). 5 x 3001 planes of 6 values make parallel tasks of
+    thousands of planes that start and end inside a sample: each run is cut
+    where the channel index wraps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        C = 3001
+        x = torch.randn(5, C, 2, 3).to(dtype)
+        rm, rv = torch.randn(C), torch.rand(C) + 0.5
+        w, b = torch.randn(C), torch.randn(C)
+        y = NF.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, activation=activation)
+        ref = TF.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(), False,
+                            0.1, 1e-5)
+        if activation == "relu6":
+            ref = TF.relu6(ref)
+        assert_close(y, ref, dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @devices
 @pytest.mark.parametrize("activation,act", [("relu", TF.relu), ("relu6", TF.relu6), (None, None)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
