@@ -119,23 +119,29 @@ def test_batchnorm_reduced_precision(device, dtype, layout, param_dtype):
 @pytest.mark.parametrize("activation", [None, "relu6"])
 def test_eval_short_planes_split_across_threads(dtype, activation):
     """NCHW eval: runs of short planes take their constants in one kernel
-    call (plane_affine). 5 x 3001 planes of 6 values make parallel tasks of
-    thousands of planes that start and end inside a sample: each run is cut
-    where the channel index wraps."""
+    call (plane_affine, plane_grad_input). 5 x 3001 planes of 6 values make
+    parallel tasks of thousands of planes that start and end inside a
+    sample: each run is cut where the channel index wraps."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         torch.manual_seed(0)
         C = 3001
-        x = torch.randn(5, C, 2, 3).to(dtype)
+        x = torch.randn(5, C, 2, 3).to(dtype).requires_grad_()
+        xr = x.detach().double().requires_grad_()
         rm, rv = torch.randn(C), torch.rand(C) + 0.5
         w, b = torch.randn(C), torch.randn(C)
         y = NF.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, activation=activation)
-        ref = TF.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(), False,
+        pre = TF.batch_norm(xr, rm.double(), rv.double(), w.double(), b.double(), False,
                             0.1, 1e-5)
-        if activation == "relu6":
-            ref = TF.relu6(ref)
-        assert_close(y, ref, dtype)
+        assert_close(y, TF.relu6(pre) if activation else pre, dtype)
+        g = torch.randn(pre.shape, dtype=torch.float64)
+        (gx,) = torch.autograd.grad(y, x, g.to(dtype))
+        # ReLU6's mask as normops applies it, at the pre-activation rounded
+        # to dtype: where the output is strictly inside (0, 6).
+        mask = ((y > 0) & (y < 6)).double() if activation else 1.0
+        (gr,) = torch.autograd.grad(pre, xr, g * mask)
+        assert_close(gx, gr, dtype, grad=True)
     finally:
         torch.set_num_threads(threads)
 

@@ -245,8 +245,17 @@ void channel_grad_input(const ChannelView& v, const Tensor& dy, const Tensor& dx
   if (!v.rows) {
     const int64_t grain = std::max<int64_t>(1, 32768 / v.HW);
     const int64_t period = per_sample ? v.N * v.C : v.C;
+    const bool buffered = streams_through_buffer<T>(stream, v.HW, 1);
     at::parallel_for(0, v.N * v.C, grain, [&](int64_t p0, int64_t p1) {
       const StreamFence fence{stream};
+      if (!buffered) {  // as channel_affine
+        for_each_segment(p0, p1, period, [&](int64_t p, int64_t end, int64_t wraps) {
+          const int64_t i = p - wraps * period, base = p * v.HW;
+          k.plane_grad_input[act](g + base, x + base, d + base, v.HW, end - p, pa + i, pb + i,
+                                  pm + i, pc + i, ps + i, ph + i);
+        });
+        return;
+      }
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t i = p % period, base = p * v.HW;
         write_output(k, stream, d + base, v.HW, 0, 1, 1, [&](T* dst, int64_t o, int64_t n) {

@@ -99,6 +99,10 @@ struct Kernels {
   void (*span_grad_input[kNumActs])(const T* dy, const T* x, T* dx, int64_t len,
                                     int64_t stride, int64_t count, A a, A b, A m, A c,
                                     A scale, A bias);
+  // The same over contiguous planes, plane j with the constants [j].
+  void (*plane_grad_input[kNumActs])(const T* dy, const T* x, T* dx, int64_t len,
+                                     int64_t planes, const A* a, const A* b, const A* m,
+                                     const A* c, const A* scale, const A* bias);
   void (*row_grad_input[kNumActs])(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
                                    const A* a, const A* b, const A* m, const A* c,
                                    const A* scale, const A* bias);

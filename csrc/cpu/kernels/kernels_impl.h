@@ -1049,6 +1049,17 @@ void span_grad_input(const T* dy, const T* x, T* dx, int64_t len, int64_t stride
   }
 }
 
+// Contiguous planes of len values, plane j with constants [j] (see
+// plane_affine).
+template <typename T, Act act>
+void plane_grad_input(const T* dy, const T* x, T* dx, int64_t len, int64_t planes,
+                      const acc_t<T>* a, const acc_t<T>* b, const acc_t<T>* m, const acc_t<T>* c,
+                      const acc_t<T>* s, const acc_t<T>* h) {
+  for (int64_t j = 0; j < planes; ++j)
+    span_grad_input<T, act>(dy + j * len, x + j * len, dx + j * len, len, 0, 1, a[j], b[j], m[j],
+                            c[j], s[j], h[j]);
+}
+
 template <typename T, Act act>
 void row_grad_input(const T* __restrict dy, const T* __restrict x, T* __restrict dx,
                     int64_t rows, int64_t C, const acc_t<T>* __restrict a,
@@ -1726,6 +1737,8 @@ const Kernels<T>& kernel_table() {
        &row_grad_sums<T, Act::ReLU6>},
       {&span_grad_input<T, Act::None>, &span_grad_input<T, Act::ReLU>,
        &span_grad_input<T, Act::ReLU6>},
+      {&plane_grad_input<T, Act::None>, &plane_grad_input<T, Act::ReLU>,
+       &plane_grad_input<T, Act::ReLU6>},
       {&row_grad_input<T, Act::None>, &row_grad_input<T, Act::ReLU>,
        &row_grad_input<T, Act::ReLU6>},
       &layer_norm_rows<T>,
