@@ -31,11 +31,7 @@ inline void check_bn_input(const Tensor& input) {
 }
 
 inline void check_stat(const Tensor& input, const Tensor& t, const char* name) {
-  check_same_device(input, t, kOp, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1), kOp, ": expected ", name,
-              " of shape [", input.size(1), "], but got ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), kOp, ": expected ", name,
-              " to be floating point, but got ", t.scalar_type());
+  check_vector(input, t, input.size(1), kOp, name);
 }
 
 inline void check_affine(const Tensor& input, const OptTensor& weight, const OptTensor& bias) {
@@ -67,11 +63,7 @@ inline std::tuple<Tensor, Tensor, Tensor> dx_coefficients_aten(const Folded& f,
 
 inline void check_running(const Tensor& mean, const OptTensor& running, const char* name) {
   if (!present(running)) return;
-  check_same_device(mean, *running, kOp, name);
-  TORCH_CHECK(running->dim() == 1 && running->numel() == mean.numel() &&
-                  at::isFloatingType(running->scalar_type()),
-              kOp, ": expected ", name, " to be a floating point vector of ", mean.numel(),
-              " values, but got ", running->scalar_type(), " of shape ", running->sizes());
+  check_vector(mean, *running, mean.numel(), kOp, name);
   TORCH_CHECK(at::has_internal_overlap(*running) != at::MemOverlap::Yes, kOp, ": ", name,
               " is updated in place, but some of its elements share memory (an expanded "
               "tensor?)");

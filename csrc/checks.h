@@ -56,6 +56,16 @@ inline void check_same_device(const Tensor& input, const Tensor& t, const char* 
               " to be on the same device as input (", input.device(), "), but got ", t.device());
 }
 
+// A statistic or running buffer: n values of any floating dtype in one
+// dimension, on the device of `like`.
+inline void check_vector(const Tensor& like, const Tensor& t, int64_t n, const char* op,
+                         const char* name) {
+  check_same_device(like, t, op, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n && at::isFloatingType(t.scalar_type()), op,
+              ": expected ", name, " to be a floating point vector of ", n, " values, but got ",
+              t.scalar_type(), " of shape ", t.sizes());
+}
+
 // A per-channel (or per-element) parameter: `shape`, on the input's device,
 // and a dtype the kernels accept with `input`: the input's, or float32 for
 // bfloat16/float16 input (the mixed precision AMP produces).

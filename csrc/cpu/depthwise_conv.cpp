@@ -71,13 +71,8 @@ void check_input_norm(const Tensor& input, const OptTensor& mean, const OptTenso
   TORCH_CHECK(present(mean) || !(present(weight) || present(bias)), kOp,
               ": norm_weight and norm_bias need norm_mean and norm_var");
   const int64_t C = input.size(1);
-  for (const auto& [t, name] : {std::make_pair(mean, "norm_mean"), std::make_pair(var, "norm_var")}) {
-    if (!present(t)) continue;
-    check_same_device(input, *t, kOp, name);
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == C && at::isFloatingType(t->scalar_type()), kOp,
-                ": expected ", name, " to be a floating point vector of ", C,
-                " values, but got ", t->scalar_type(), " of shape ", t->sizes());
-  }
+  if (present(mean)) check_vector(input, *mean, C, kOp, "norm_mean");
+  if (present(var)) check_vector(input, *var, C, kOp, "norm_var");
   check_param(input, weight, {C}, kOp, "norm_weight");
   check_param(input, bias, {C}, kOp, "norm_bias");
 }
