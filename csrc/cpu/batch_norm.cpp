@@ -17,11 +17,10 @@ batch_norm::Folded fold_batch_norm(const Tensor& mean, const Tensor& var, const 
   Tensor dbl = at::empty({3, C}, mean.options().dtype(at::kDouble));  // mean, invstd, weight
   Tensor consts = at::empty({3, C}, mean.options().dtype(acc));     // mean, scale, bias
   double* d = ptr<double>(dbl);
-  std::vector<double> b(static_cast<size_t>(C), 0.0);
+  const std::vector<double> b = param_as_double(bias, C, 0.0);
   read_as_double(mean, d);
   read_as_double(var, d + C);
   if (present(weight)) read_as_double(*weight, d + 2 * C); else std::fill(d + 2 * C, d + 3 * C, 1.0);
-  if (present(bias)) read_as_double(*bias, b.data());
   for (int64_t c = 0; c < C; ++c) d[C + c] = 1.0 / std::sqrt(d[C + c] + eps);
   AT_DISPATCH_FLOATING_TYPES(acc, batch_norm::kOp, [&] {
     scalar_t* k = ptr<scalar_t>(consts);
