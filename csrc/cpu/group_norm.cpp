@@ -31,8 +31,10 @@ void forward_by_group(const ChannelView& v, int64_t G, const Tensor& out, const 
   const T* x = ptr<const T>(v.x);
   T* y = ptr<T>(out);
   const bool stream = stream_output(out);
+  const bool buffered = streams_through_buffer<T>(stream, D * v.HW, 1);
   at::parallel_for(0, v.N * G, grain_for(v.C / G * v.HW), [&](int64_t g0, int64_t g1) {
     const StreamFence fence{stream};
+    std::vector<A> consts(buffered ? 0 : 3 * D);  // the group's planes' mean, scale, bias
     for (int64_t ng = g0; ng < g1; ++ng) {
       A gm, gq;
       k.span_moments(x + ng * D * v.HW, D * v.HW, 0, 1, ng + 1 < g1 ? x + (ng + 1) * D * v.HW : nullptr,
@@ -40,12 +42,23 @@ void forward_by_group(const ChannelView& v, int64_t G, const Tensor& out, const 
       const double r = 1.0 / std::sqrt(double(gq) / double(D * v.HW) + eps);
       // The group's planes are contiguous: one run of D planes.
       const int64_t base = ng * D * v.HW, c0 = (ng % G) * D;
-      write_output(k, stream, y + base, D * v.HW, 0, 1, 1, [&](T* dst, int64_t o, int64_t n) {
-        for_each_segment(o, o + n, v.HW, [&](int64_t i, int64_t end, int64_t d) {
-          k.span_affine[0](x + base + i, dst + (i - o), end - i, 0, 1, gm, A(r * w[c0 + d]),
-                           A(b[c0 + d]));
+      if (!buffered) {  // one call for the group's planes (short planes: a call per plane cost
+                        // as much as its values)
+        for (int64_t d = 0; d < D; ++d) {
+          consts[d] = gm;
+          consts[D + d] = A(r * w[c0 + d]);
+          consts[2 * D + d] = A(b[c0 + d]);
+        }
+        k.plane_affine[0](x + base, y + base, v.HW, D, consts.data(), consts.data() + D,
+                          consts.data() + 2 * D);
+      } else {
+        write_output(k, stream, y + base, D * v.HW, 0, 1, 1, [&](T* dst, int64_t o, int64_t n) {
+          for_each_segment(o, o + n, v.HW, [&](int64_t i, int64_t end, int64_t d) {
+            k.span_affine[0](x + base + i, dst + (i - o), end - i, 0, 1, gm, A(r * w[c0 + d]),
+                             A(b[c0 + d]));
+          });
         });
-      });
+      }
       mean[ng] = gm;
       rstd[ng] = r;
     }
@@ -99,8 +112,12 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
   const T* g = ptr<const T>(dy);
   T* d = ptr<T>(dx);
   const bool stream = stream_output(dx);
+  const bool buffered = streams_through_buffer<T>(stream, D * v.HW, 1);
   at::parallel_for(0, v.N * G, grain_for(v.C / G * v.HW), [&](int64_t g0, int64_t g1) {
     const StreamFence fence{stream};
+    // The group's planes' a, b, mean, c, and the unit scale and zero bias
+    // the activation-free mask ignores, for plane_grad_input.
+    std::vector<A> coef(buffered ? 0 : 6 * D);
     for (int64_t ng = g0; ng < g1; ++ng) {
       const A m = A(mean[ng]);
       const double r = rstd[ng];
@@ -116,12 +133,26 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
       }
       const A kb = A(centred_coefficient(r, r, e2 / count)), kc = A(-r * e1 / count);
       const int64_t base = ng * D * v.HW, c0 = (ng % G) * D;
-      write_output(k, stream, d + base, D * v.HW, 0, 1, 1, [&](T* dst, int64_t o, int64_t n) {
-        for_each_segment(o, o + n, v.HW, [&](int64_t i, int64_t end, int64_t j) {
-          k.span_grad_input[0](g + base + i, x + base + i, dst + (i - o), end - i, 0, 1,
-                               A(r * w[c0 + j]), kb, m, kc, 1, 0);
+      if (!buffered) {  // one call for the group's planes, as in the forward
+        for (int64_t j = 0; j < D; ++j) {
+          coef[j] = A(r * w[c0 + j]);
+          coef[D + j] = kb;
+          coef[2 * D + j] = m;
+          coef[3 * D + j] = kc;
+          coef[4 * D + j] = 1;
+          coef[5 * D + j] = 0;
+        }
+        const A* pc = coef.data();
+        k.plane_grad_input[0](g + base, x + base, d + base, v.HW, D, pc, pc + D, pc + 2 * D,
+                              pc + 3 * D, pc + 4 * D, pc + 5 * D);
+      } else {
+        write_output(k, stream, d + base, D * v.HW, 0, 1, 1, [&](T* dst, int64_t o, int64_t n) {
+          for_each_segment(o, o + n, v.HW, [&](int64_t i, int64_t end, int64_t j) {
+            k.span_grad_input[0](g + base + i, x + base + i, dst + (i - o), end - i, 0, 1,
+                                 A(r * w[c0 + j]), kb, m, kc, 1, 0);
+          });
         });
-      });
+      }
     }
   });
 }
