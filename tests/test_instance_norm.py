@@ -78,6 +78,23 @@ def test_instance_norm_errors_and_warnings():
     assert any("does not match num_features" in str(m.message) for m in w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_instance_norm_running_var_of_small_variance(dtype, layout):
+    """Variances far below eps reach running_var at full precision (taken
+    back from rstd = 1/sqrt(var + eps) they lost up to a quarter of their
+    value to cancellation at 1e-12 against eps 1e-5)."""
+    torch.manual_seed(0)
+    x = make_input((2, 3, 8, 8), dtype, layout=layout, scale=1e-6)
+    ref = torch.nn.InstanceNorm2d(3, track_running_stats=True, momentum=1.0, dtype=dtype)
+    ours = normops.nn.InstanceNorm2d(3, track_running_stats=True, momentum=1.0, dtype=dtype)
+    ref(x), ours(x)
+    expected = x.double().var(dim=(2, 3)).mean(0)  # unbiased, as torch keeps it
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(ref.running_var.double(), expected, rtol=rtol, atol=0)
+    torch.testing.assert_close(ours.running_var.double(), expected, rtol=rtol, atol=0)
+
+
 def test_instance_norm_failed_call_leaves_buffers():
     m = normops.nn.InstanceNorm2d(3, track_running_stats=True)
     m(torch.randn(2, 3, 4, 4))
