@@ -121,11 +121,22 @@ NORMOPS_HD A activate(A z) {
   return z;
 }
 
+// Where torch's backward passes dy at a NaN z: ReLU passes it (z <= 0 is
+// what zeroes it); ReLU6 stops it, as torch's vectorised hardtanh_backward
+// does (its scalar tail passes it).
 template <Act act, typename A>
 NORMOPS_HD A activation_grad(A z, A dy) {
-  if (act == Act::ReLU) return z > A(0) ? dy : A(0);
+  if (act == Act::ReLU) return z <= A(0) ? A(0) : dy;
   if (act == Act::ReLU6) return (z > A(0) && z < A(6)) ? dy : A(0);
   return dy;
+}
+
+// The term b * (x - mean) of dx = a * g + b * (x - mean) + c, 0 where b is:
+// with eval statistics (b = 0) dx is torch's a * g even where x is inf or
+// NaN.
+template <typename A>
+NORMOPS_HD A centred_term(A b, A xm) {
+  return b == A(0) ? A(0) : b * xm;
 }
 
 }  // namespace normops

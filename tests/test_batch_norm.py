@@ -149,6 +149,33 @@ def test_eval_short_planes_split_across_threads(dtype, activation):
 @devices
 @pytest.mark.parametrize("activation,act", [("relu", TF.relu), ("relu6", TF.relu6), (None, None)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_eval_gradients_at_nonfinite_inputs(device, activation, act, layout, dtype):
+    """With running statistics the input gradient is weight * invstd * dy,
+    masked where torch's activation backward masks it (a NaN output passes
+    the gradient): finite even where x is NaN or infinite."""
+    torch.manual_seed(0)
+    x = make_input((3, 4, 5, 5), dtype, device, layout, scale=3.0)
+    with torch.no_grad():
+        x[0, 1, 2, 3], x[1, 2, 0, 0], x[2, 3, 4, 4], x[0, 0, 0, 1] = (
+            float("nan"), float("inf"), -float("inf"), 1e30)
+    x.requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    rm, w, b = (torch.randn(4, dtype=dtype, device=device) for _ in range(3))
+    rv = torch.rand(4, dtype=dtype, device=device) + 0.5
+    y = NF.batch_norm(x, rm, rv, w, b, False, activation=activation)
+    ref = TF.batch_norm(xr, rm, rv, w, b, False)
+    ref = act(ref) if act else ref
+    assert_close(y, ref, dtype)
+    g = torch.randn_like(ref)
+    (gx,), (gr,) = torch.autograd.grad(y, x, g), torch.autograd.grad(ref, xr, g)
+    assert gx.isfinite().all()
+    assert_close(gx, gr, dtype, grad=True)
+
+
+@devices
+@pytest.mark.parametrize("activation,act", [("relu", TF.relu), ("relu6", TF.relu6), (None, None)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_batchnorm_act2d(device, activation, act, layout):
     ref = torch.nn.BatchNorm2d(5, device=device, dtype=torch.float64)
     with torch.no_grad():

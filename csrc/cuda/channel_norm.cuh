@@ -461,7 +461,7 @@ struct GradInputFn {
       const A xm = static_cast<A>(xv.v[j]) - m[kj];
       const A g = activation_grad<act>(as_stored<T, A>(xm * scale[kj] + bias[kj]),
                                        static_cast<A>(gv.v[j]));
-      out.v[j] = static_cast<T>(a[kj] * g + b[kj] * xm + c[kj]);
+      out.v[j] = static_cast<T>(a[kj] * g + centred_term(b[kj], xm) + c[kj]);
     }
     *reinterpret_cast<Pack<T, VEC>*>(dx + i) = out;
   }

@@ -260,7 +260,7 @@ NORMOPS_INLINE vec_t<A> vactivate(vec_t<A> v) {
 template <Act act, typename A>
 NORMOPS_INLINE vec_t<A> vactivation_grad(vec_t<A> z, vec_t<A> dy) {
   const vec_t<A> zero = {};
-  if (act == Act::ReLU) return z > zero ? dy : zero;
+  if (act == Act::ReLU) return z <= zero ? zero : dy;
   if (act == Act::ReLU6) return (z > zero) & (z < zero + A(6)) ? dy : zero;
   return dy;
 }
@@ -319,6 +319,19 @@ NORMOPS_INLINE A masked_grad(OneLane<A>, A z, A dy) {
 template <Act act, typename A>
 NORMOPS_INLINE vec_t<A> masked_grad(AllLanes<A>, vec_t<A> z, vec_t<A> dy) {
   return vactivation_grad<act, A>(z, dy);
+}
+template <typename A>
+NORMOPS_INLINE A centred(OneLane<A>, A b, A xm) {
+  return centred_term(b, xm);
+}
+template <typename A>
+NORMOPS_INLINE vec_t<A> centred(AllLanes<A>, vec_t<A> b, vec_t<A> xm) {
+  const vec_t<A> zero = {};
+  return b == zero ? zero : b * xm;
+}
+template <typename A>
+NORMOPS_INLINE vec_t<A> centred(AllLanes<A>, A b, vec_t<A> xm) {
+  return b == A(0) ? vec_t<A>{} : b * xm;
 }
 template <typename T, typename A>
 NORMOPS_INLINE A stored(OneLane<A>, A z) {
@@ -1044,7 +1057,7 @@ void span_grad_input(const T* dy, const T* x, T* dx, int64_t len, int64_t stride
     elementwise<T>(len, [&](int64_t i, auto lanes) {
       const auto xm = get(lanes, xj + i) - m;
       const auto g = masked_grad<act>(lanes, stored<T>(lanes, xm * s + h), get(lanes, gj + i));
-      put(lanes, dj + i, a * g + b * xm + c);
+      put(lanes, dj + i, a * g + centred(lanes, b, xm) + c);
     });
   }
 }
@@ -1074,7 +1087,8 @@ void row_grad_input(const T* __restrict dy, const T* __restrict x, T* __restrict
       const auto xm = get(lanes, xr + j) - get(lanes, m + j);
       const auto z = xm * get(lanes, scale + j) + get(lanes, bias + j);
       const auto g = masked_grad<act>(lanes, stored<T>(lanes, z), get(lanes, gr + j));
-      put(lanes, dr + j, get(lanes, a + j) * g + get(lanes, b + j) * xm + get(lanes, c + j));
+      put(lanes, dr + j,
+          get(lanes, a + j) * g + centred(lanes, get(lanes, b + j), xm) + get(lanes, c + j));
     });
   }
 }
