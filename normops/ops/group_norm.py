@@ -35,10 +35,20 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
+def _reference(x, groups, weight, bias, eps):
+    """F.group_norm, differentiable twice. A bias without a weight is added
+    after it: torch's group norm refuses that pair (it reshapes the absent
+    weight), which instance norm, a batch norm in torch, accepts."""
+    if weight is None and bias is not None:
+        y = F.group_norm(x, groups, None, None, eps)
+        return y + bias.view([1, -1] + [1] * (x.dim() - 2))
+    return F.group_norm(x, groups, weight, bias, eps)
+
+
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     return affine_norm_backward(
         ctx, grad_out,
-        lambda x, w, b: F.group_norm(x, ctx.num_groups, w, b, ctx.eps),
+        lambda x, w, b: _reference(x, ctx.num_groups, w, b, ctx.eps),
         lambda g, x, mean, rstd, w, b, needs: ops.group_norm_backward(
             g, x, ctx.num_groups, mean, rstd, w, needs))
 
