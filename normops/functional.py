@@ -202,21 +202,24 @@ def instance_norm(
     channels_last). The running statistics are the mean over the batch of the
     per-instance statistics, with the unbiased variance."""
     _check_momentum(momentum, "instance_norm")
+    # eps = 0: torch normalises a constant instance to 0 (its batch norm's
+    # invstd is 0 where var and eps are), group norm to NaN.
     if (needs_torch_rules(input, running_mean, running_var, weight, bias)
-            or _traced_running_update(use_input_stats, running_mean, running_var)):
+            or _traced_running_update(use_input_stats, running_mean, running_var)
+            or (use_input_stats and eps == 0.0)):
         return TF.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
                                 momentum, eps)
     _check_floating(input, "instance_norm")
-    if input.dim() < 3:
-        raise ValueError(
-            f"instance_norm: expected at least 3D input (N, C, *) (got {input.dim()}D input)")
-    spatial = _values_per_channel([1, 1] + list(input.size()[2:]))
-    if not use_input_stats:
+    if not use_input_stats:  # a batch norm with the running statistics (N, C) input too
         if running_mean is None or running_var is None:
             raise RuntimeError(
                 "Expected running_mean and running_var to be defined when use_input_stats is false")
         return call(ops.batch_norm, input, weight, bias, running_mean, running_var, False, eps,
                     0)[0]
+    if input.dim() < 3:
+        raise ValueError(
+            f"instance_norm: expected at least 3D input (N, C, *) (got {input.dim()}D input)")
+    spatial = _values_per_channel([1, 1] + list(input.size()[2:]))
     if spatial == 1:
         raise ValueError(
             f"Expected more than 1 spatial element when training, got input size {input.size()}")

@@ -95,6 +95,29 @@ def test_instance_norm_running_var_of_small_variance(dtype, layout):
     torch.testing.assert_close(ours.running_var.double(), expected, rtol=rtol, atol=0)
 
 
+def test_instance_norm_eps_zero_on_a_constant_instance():
+    """torch normalises a constant instance to 0 when eps is 0 (its batch
+    norm's invstd is 0 there), where group norm gives NaN."""
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    x[0, 1] = 1.5
+    x.requires_grad_()
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    y = NF.instance_norm(x, weight=w, bias=b, eps=0.0)
+    ref = TF.instance_norm(x, weight=w, bias=b, eps=0.0)
+    assert not y.isnan().any()
+    assert_close(y, ref)
+    assert_grads_close(y, ref, [x, w, b])
+
+
+def test_instance_norm_running_stats_on_2d_input():
+    """use_input_stats=False on an (N, C) input: a batch norm with the running
+    statistics, as in torch."""
+    x, rm, rv = torch.randn(4, 3), torch.randn(3), torch.rand(3) + 0.5
+    assert_close(NF.instance_norm(x, rm, rv, use_input_stats=False),
+                 TF.instance_norm(x, rm, rv, use_input_stats=False))
+
+
 def test_instance_norm_failed_call_leaves_buffers():
     m = normops.nn.InstanceNorm2d(3, track_running_stats=True)
     m(torch.randn(2, 3, 4, 4))
