@@ -30,10 +30,13 @@ inline int64_t row_splits(int64_t samples, int64_t rows_per_sample, int64_t min_
 }
 
 // Runs f(task, sample, row_begin, row_end) in parallel over `splits` tasks
-// per sample (row indices absolute).
+// per sample (row indices absolute), rows of C values; tasks too small to
+// be worth a thread's wake-up (grain_for) run together.
 template <typename F>
-void for_each_row_task(int64_t samples, int64_t rows_per_sample, int64_t splits, const F& f) {
-  at::parallel_for(0, samples * splits, 1, [&](int64_t t0, int64_t t1) {
+void for_each_row_task(int64_t samples, int64_t rows_per_sample, int64_t splits, int64_t C,
+                       const F& f) {
+  const int64_t grain = grain_for(rows_per_sample / splits * C);
+  at::parallel_for(0, samples * splits, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / splits, s = t % splits;
       const int64_t r0 = n * rows_per_sample + rows_per_sample * s / splits;
@@ -88,7 +91,8 @@ std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample)
   std::vector<A> part(static_cast<size_t>(samples * splits * v.C * 5));
   std::vector<A> part_count(static_cast<size_t>(samples * splits));
   const int64_t C = v.C;
-  for_each_row_task(samples, rows_per_sample, splits, [&](int64_t t, int64_t, int64_t r0, int64_t r1) {
+  for_each_row_task(samples, rows_per_sample, splits, C,
+                    [&](int64_t t, int64_t, int64_t r0, int64_t r1) {
     A* tm = part.data() + t * C * 5;
     k.column_moments(x + r0 * C, r1 - r0, C, R, tm, tm + C, tm + 2 * C);
     part_count[t] = A(r1 - r0);
@@ -210,7 +214,8 @@ std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& 
   // Per task: double accumulators [2C], and the kernel's scratch [2C].
   std::vector<double> acc(static_cast<size_t>(samples * splits * C * 2), 0.0);
   std::vector<A> scratch(static_cast<size_t>(samples * splits * C * 2));
-  for_each_row_task(samples, rows_per_sample, splits, [&](int64_t t, int64_t n, int64_t r0, int64_t r1) {
+  for_each_row_task(samples, rows_per_sample, splits, C,
+                    [&](int64_t t, int64_t n, int64_t r0, int64_t r1) {
     double* ad = acc.data() + t * C * 2;
     const int64_t o = per_sample ? n * C : 0;
     k.row_grad_sums[act](g + r0 * C, x + r0 * C, r1 - r0, C, R, m + o, s + o, h + o, ad, ad + C,
