@@ -115,9 +115,8 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
   const bool buffered = streams_through_buffer<T>(stream, D * v.HW, 1);
   at::parallel_for(0, v.N * G, grain_for(v.C / G * v.HW), [&](int64_t g0, int64_t g1) {
     const StreamFence fence{stream};
-    // The group's planes' a, b, mean, c, and the unit scale and zero bias
-    // the activation-free mask ignores, for plane_grad_input.
-    std::vector<A> coef(buffered ? 0 : 6 * D);
+    // The group's planes' a, b, mean and c, for plane_grad_input.
+    std::vector<A> coef(buffered ? 0 : 4 * D);
     for (int64_t ng = g0; ng < g1; ++ng) {
       const A m = A(mean[ng]);
       const double r = rstd[ng];
@@ -139,12 +138,11 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
           coef[D + j] = kb;
           coef[2 * D + j] = m;
           coef[3 * D + j] = kc;
-          coef[4 * D + j] = 1;
-          coef[5 * D + j] = 0;
         }
+        // No activation: the mask's scale and bias arguments are not read.
         const A* pc = coef.data();
         k.plane_grad_input[0](g + base, x + base, d + base, v.HW, D, pc, pc + D, pc + 2 * D,
-                              pc + 3 * D, pc + 4 * D, pc + 5 * D);
+                              pc + 3 * D, pc, pc);
       } else {
         write_output(k, stream, d + base, D * v.HW, 0, 1, 1, [&](T* dst, int64_t o, int64_t n) {
           for_each_segment(o, o + n, v.HW, [&](int64_t i, int64_t end, int64_t j) {
