@@ -116,8 +116,9 @@ struct BatchNormOps {
     check_bn_input(input);
     check_affine(input, weight, bias);
     const int act = act_index(activation);
-    if (present(running_mean)) check_stat(input, *running_mean, "running_mean");
-    if (present(running_var)) check_stat(input, *running_var, "running_var");
+    // The running statistics follow the parameters' dtype rule, as torch's.
+    check_param(input, running_mean, {input.size(1)}, kOp, "running_mean");
+    check_param(input, running_var, {input.size(1)}, kOp, "running_var");
     TORCH_CHECK(training || (present(running_mean) && present(running_var)), kOp,
                 ": running_mean and running_var must be given when training is False");
     ChannelView v = channel_view(input);

@@ -214,8 +214,11 @@ def instance_norm(
         if running_mean is None or running_var is None:
             raise RuntimeError(
                 "Expected running_mean and running_var to be defined when use_input_stats is false")
-        return call(ops.batch_norm, input, weight, bias, running_mean, running_var, False, eps,
-                    0)[0]
+        # Torch's instance norm reads running statistics of any floating
+        # dtype; batch norm's rule wants the input's (float32 for bf16/fp16).
+        stat_dtype = torch.float32 if input.dtype in (torch.bfloat16, torch.float16) else input.dtype
+        return call(ops.batch_norm, input, weight, bias, running_mean.to(stat_dtype),
+                    running_var.to(stat_dtype), False, eps, 0)[0]
     if input.dim() < 3:
         raise ValueError(
             f"instance_norm: expected at least 3D input (N, C, *) (got {input.dim()}D input)")

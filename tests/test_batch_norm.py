@@ -324,6 +324,22 @@ def test_bad_input_leaves_buffers(bad, exc, match):
         assert torch.equal(before[k], after[k]), k
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("input_dtype,running_dtype", [
+    (torch.float32, torch.float64), (torch.float32, torch.float16),
+    (torch.float64, torch.float32), (torch.bfloat16, torch.float64)])
+def test_running_stats_of_another_dtype_are_refused(input_dtype, running_dtype, training):
+    # Torch refuses them too ("expected scalar type Float but found Double").
+    x = torch.randn(4, 3, 5, 5, dtype=input_dtype)
+    rm, rv = torch.zeros(3, dtype=running_dtype), torch.ones(3, dtype=running_dtype)
+    with pytest.raises(RuntimeError):
+        TF.batch_norm(x, rm, rv, training=training)
+    with pytest.raises(RuntimeError, match="expected running_mean to have dtype"):
+        NF.batch_norm(x, rm, rv, training=training)
+    assert torch.equal(rm, torch.zeros(3, dtype=running_dtype))
+    assert torch.equal(rv, torch.ones(3, dtype=running_dtype))
+
+
 def test_bad_parameters_leave_buffers():
     m = normops.nn.BatchNorm2d(3)
     before = snapshot(m)

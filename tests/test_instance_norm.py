@@ -65,6 +65,16 @@ def test_instance_norm_channels_last_3d():
     assert_close(y, TF.instance_norm(x))
 
 
+@pytest.mark.parametrize("running_dtype", [torch.float64, torch.float16])
+def test_instance_norm_reads_running_stats_of_another_dtype(running_dtype):
+    # Torch's instance norm accepts them where its batch norm does not.
+    x = torch.randn(2, 3, 4, 5)
+    rm = torch.randn(3, dtype=running_dtype)
+    rv = torch.rand(3, dtype=running_dtype) + 0.5
+    assert_close(NF.instance_norm(x, rm, rv, use_input_stats=False),
+                 TF.instance_norm(x, rm, rv, use_input_stats=False))
+
+
 def test_instance_norm_errors_and_warnings():
     with pytest.raises(ValueError, match="Expected more than 1 spatial element"):
         normops.nn.InstanceNorm2d(3)(torch.randn(2, 3, 1, 1))
