@@ -6,6 +6,7 @@ Running statistics are updated here, on the buffers, after the op has
 succeeded: a call that raises leaves them untouched.
 """
 import contextlib
+import numbers
 from typing import List, Optional, Union
 
 import torch
@@ -36,7 +37,8 @@ def needs_torch_rules(*tensors: Optional[Tensor]) -> bool:
 
 
 def _autocast_off(device_type: str):
-    if torch.is_autocast_enabled(device_type):
+    # torch.is_autocast_enabled raises for a device without autocast (meta).
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -52,10 +54,11 @@ def _traced_running_update(update: bool, running_mean: Optional[Tensor],
 
 def _check_momentum(momentum, name: str) -> None:
     # torch's argument parser raises this TypeError (the modules' momentum=None
-    # is resolved into a float before the call); a symbolic float under
-    # torch.compile passes.
-    if momentum is None:
-        raise TypeError(f"{name}(): argument 'momentum' must be float, not NoneType")
+    # is resolved into a float before the call); what it converts passes,
+    # and a symbolic float under torch.compile.
+    if not isinstance(momentum, (numbers.Real, Tensor, torch.SymFloat, torch.SymInt)):
+        raise TypeError(
+            f"{name}(): argument 'momentum' must be float, not {type(momentum).__name__}")
 
 
 def _check_running_pair(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> None:
@@ -124,7 +127,7 @@ def batch_norm(
                                               training, momentum, eps), act)
     _check_floating(input, "batch_norm")
     if input.dim() < 2:
-        raise ValueError(f"batch_norm: expected at least 2D input (got {input.dim()}D input)")
+        raise RuntimeError(f"batch_norm: expected at least 2D input (got {input.dim()}D input)")
     if training and _values_per_channel(input.size()) == 1:
         raise ValueError(
             "Expected more than 1 value per channel when training, "
@@ -228,7 +231,8 @@ def instance_norm(
             f"Expected more than 1 spatial element when training, got input size {input.size()}")
     _check_running_pair(running_mean, running_var)
     C = input.size(1)
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
         if t is not None and t.shape != (C,):
             raise RuntimeError(
                 f"instance_norm: expected {name} of shape [{C}], but got {list(t.shape)}")

@@ -4,7 +4,7 @@ import torch
 
 import normops
 import normops.functional as NF
-from helpers import check_half_conversions
+from helpers import assert_close, check_half_conversions
 
 
 @pytest.mark.parametrize("make", [lambda: normops.nn.BatchNorm2d(3),
@@ -92,6 +92,15 @@ def test_argument_errors_of_torchs_type():
         NF.batch_norm(x, torch.zeros(3), torch.ones(3), training=True, momentum=None)
     with pytest.raises(TypeError, match="momentum"):
         NF.instance_norm(x, momentum=None)
+    with pytest.raises(TypeError, match="must be float, not str"):
+        normops.nn.BatchNorm1d(3, momentum="a")(x)
+    with pytest.raises(TypeError, match="must be float, not str"):
+        NF.instance_norm(x, torch.zeros(3), torch.ones(3), momentum="a")
+    mean = torch.zeros(3)
+    NF.batch_norm(x, mean, torch.ones(3), training=True, momentum=torch.tensor(0.5))
+    assert_close(mean, 0.5 * x.mean((0, 2)))  # a 0-d tensor momentum converts, as in torch
+    with pytest.raises(RuntimeError, match="expected at least 2D input"):
+        NF.batch_norm(torch.randn(4), torch.zeros(4), torch.ones(4))
     with pytest.raises(RuntimeError, match="when use_input_stats is false"):
         NF.instance_norm(x, use_input_stats=False)
 

@@ -75,6 +75,14 @@ def test_instance_norm_reads_running_stats_of_another_dtype(running_dtype):
                  TF.instance_norm(x, rm, rv, use_input_stats=False))
 
 
+def test_instance_norm_on_the_meta_device():
+    x = torch.randn(2, 8, 6, 6, device="meta")
+    for m in (normops.nn.InstanceNorm2d(8, device="meta"),
+              normops.nn.InstanceNorm2d(8, affine=True, track_running_stats=True, device="meta")):
+        y = m(x)
+        assert y.shape == x.shape and y.device.type == "meta"
+
+
 def test_instance_norm_errors_and_warnings():
     with pytest.raises(ValueError, match="Expected more than 1 spatial element"):
         normops.nn.InstanceNorm2d(3)(torch.randn(2, 3, 1, 1))

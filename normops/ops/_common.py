@@ -140,7 +140,8 @@ def autocast_rule_applies(op, device_type: str) -> bool:
     """Whether autocast is on for device_type and casts for `op` there: it
     has an autocast kernel for the device (an unknown device counts as
     having one)."""
-    if not torch.is_autocast_enabled(device_type):
+    if not (torch.amp.is_autocast_available(device_type)  # meta has none (and raises)
+            and torch.is_autocast_enabled(device_type)):
         return False
     key = _AUTOCAST_KEYS.get(device_type)
     return key is None or torch._C._dispatch_has_kernel_for_dispatch_key(
