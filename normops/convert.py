@@ -19,13 +19,13 @@ _SWAPS = {
     torch.nn.InstanceNorm2d: nnops.InstanceNorm2d,
     torch.nn.InstanceNorm3d: nnops.InstanceNorm3d,
 }
-_ACTIVATIONS = {torch.nn.ReLU: "relu", torch.nn.ReLU6: "relu6"}
 
 
-def _fuse_activations(seq: torch.nn.Sequential, shared: set) -> None:
+def fuse_norm_activations(seq: torch.nn.Sequential, shared: set) -> None:
     """A BatchNorm2d directly followed by ReLU/ReLU6 in a Sequential becomes a
-    BatchNormAct2d; the activation's slot becomes an Identity, so indices and
-    state_dict keys stay. Not when the fusion would show: a Sequential
+    BatchNormAct2d; the activation's slot becomes a FusedActivation (an
+    Identity while the batch norm there fuses it), so indices and state_dict
+    keys stay. Not when the fusion would show: a Sequential
     subclass with its own forward may skip or reorder its children, a batch
     norm also used elsewhere in the model (`shared` ids) would apply the
     activation there too, a hook on its output would see the activation's,
@@ -35,12 +35,14 @@ def _fuse_activations(seq: torch.nn.Sequential, shared: set) -> None:
     names = list(seq._modules)
     for first, second in zip(names, names[1:]):
         bn, act = seq._modules[first], seq._modules[second]
-        if (type(bn) in (torch.nn.BatchNorm2d, nnops.BatchNorm2d) and type(act) in _ACTIVATIONS
-                and id(bn) not in shared and not has_hooks(bn, pre=False)
-                and not has_hooks(act)):
+        if (type(bn) in (torch.nn.BatchNorm2d, nnops.BatchNorm2d)
+                and type(act) in nnops.FUSIBLE_ACTIVATIONS and id(bn) not in shared
+                and not has_hooks(bn, pre=False) and not has_hooks(act)):
             bn.__class__ = nnops.BatchNormAct2d
-            bn.activation = _ACTIVATIONS[type(act)]
-            seq._modules[second] = torch.nn.Identity()
+            bn.activation = nnops.FUSIBLE_ACTIVATIONS[type(act)]
+            slot = nnops.FusedActivation(act, seq, first)
+            slot.train(act.training)
+            seq._modules[second] = slot
 
 
 def _has_torchvision_forward(cls) -> bool:
@@ -111,7 +113,7 @@ def convert(model: torch.nn.Module, fuse_activations: bool = True) -> torch.nn.M
     for module in model.modules():
         if (fuse_activations and isinstance(module, torch.nn.Sequential)
                 and id(module) not in in_blocks):
-            _fuse_activations(module, shared)
+            fuse_norm_activations(module, shared)
         swap = _SWAPS.get(type(module))
         if swap is not None:
             module.__class__ = swap

@@ -43,13 +43,18 @@ ops = torch.ops.normops
 _RELU6 = 2
 
 
-def _conv_norm_act(inp: int, oup: int, kernel: int, stride: int, groups: int,
-                   norm_layer: Callable[..., nn.Module]) -> nn.Sequential:
-    """torchvision's Conv2dNormActivation(..., activation_layer=ReLU6): same
-    children and state_dict keys."""
-    return nn.Sequential(
-        nn.Conv2d(inp, oup, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-        norm_layer(oup), nn.ReLU6(inplace=True))
+class Conv2dNormActivation(nn.Sequential):
+    """torchvision's Conv2dNormActivation as MobileNetV2 builds it (padded
+    convolution without bias, norm layer, ReLU6): same children, state_dict
+    keys and `out_channels`, which detection backbones read."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int,
+                 groups: int, norm_layer: Callable[..., nn.Module]) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2,
+                      groups=groups, bias=False),
+            norm_layer(out_channels), nn.ReLU6(inplace=True))
+        self.out_channels = out_channels
 
 
 def _is_bn(m) -> bool:
@@ -426,8 +431,8 @@ class InvertedResidual(nn.Module):
         self.use_res_connect = self.stride == 1 and inp == oup
         layers: List[nn.Module] = []
         if expand_ratio != 1:
-            layers.append(_conv_norm_act(inp, hidden_dim, 1, 1, 1, norm_layer))
-        layers += [_conv_norm_act(hidden_dim, hidden_dim, 3, stride, hidden_dim, norm_layer),
+            layers.append(Conv2dNormActivation(inp, hidden_dim, 1, 1, 1, norm_layer))
+        layers += [Conv2dNormActivation(hidden_dim, hidden_dim, 3, stride, hidden_dim, norm_layer),
                    nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False), norm_layer(oup)]
         self.conv = nn.Sequential(*layers)
         self.out_channels = oup

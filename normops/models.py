@@ -6,8 +6,9 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
-from .inverted_residual import InvertedResidual
-from .nn import BatchNormAct2d
+from .convert import fuse_norm_activations
+from .inverted_residual import Conv2dNormActivation, InvertedResidual
+from .nn import BatchNorm2d
 
 __all__ = ["MobileNetV2", "mobilenet_v2"]
 
@@ -22,13 +23,14 @@ def _make_divisible(v: float, divisor: int, min_value: Optional[int] = None) -> 
 
 
 def _conv_bn_relu6(inp: int, oup: int, kernel: int, stride: int,
-                   norm_layer: Optional[Callable[..., nn.Module]]) -> nn.Sequential:
-    """Conv2dNormActivation's children and keys; with the default norm layer
-    the ReLU6 is fused into the batch norm (its slot keeps an Identity)."""
-    conv = nn.Conv2d(inp, oup, kernel, stride, (kernel - 1) // 2, bias=False)
+                   norm_layer: Optional[Callable[..., nn.Module]]) -> Conv2dNormActivation:
+    """torchvision's Conv2dNormActivation; with the default norm layer the
+    ReLU6 is fused into the batch norm (its slot keeps a FusedActivation)."""
+    layer = Conv2dNormActivation(inp, oup, kernel, stride, 1,
+                                 BatchNorm2d if norm_layer is None else norm_layer)
     if norm_layer is None:
-        return nn.Sequential(conv, BatchNormAct2d(oup, activation="relu6"), nn.Identity())
-    return nn.Sequential(conv, norm_layer(oup), nn.ReLU6(inplace=True))
+        fuse_norm_activations(layer, shared=set())
+    return layer
 
 
 class MobileNetV2(nn.Module):
@@ -55,12 +57,13 @@ class MobileNetV2(nn.Module):
         input_channel = _make_divisible(input_channel * width_mult, round_nearest)
         self.last_channel = _make_divisible(last_channel * max(1.0, width_mult), round_nearest)
         features: List[nn.Module] = [_conv_bn_relu6(3, input_channel, 3, 2, norm_layer)]
-        kwargs = {} if norm_layer is None else {"norm_layer": norm_layer}
+        # torchvision passes the blocks its default norm layer too.
+        block_norm = nn.BatchNorm2d if norm_layer is None else norm_layer
         for t, c, n, s in inverted_residual_setting:
             output_channel = _make_divisible(c * width_mult, round_nearest)
             for i in range(n):
                 features.append(block(input_channel, output_channel, s if i == 0 else 1,
-                                      expand_ratio=t, **kwargs))
+                                      expand_ratio=t, norm_layer=block_norm))
                 input_channel = output_channel
         features.append(_conv_bn_relu6(input_channel, self.last_channel, 1, 1, norm_layer))
         self.features = nn.Sequential(*features)
@@ -84,7 +87,13 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0, **kwargs) -> MobileNetV2:
-    """MobileNetV2 (Sandler et al., 2018) from normops modules; loads
-    torchvision's mobilenet_v2 state_dicts (no weights are downloaded)."""
+def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0, *, weights=None,
+                 progress: bool = True, **kwargs) -> MobileNetV2:
+    """MobileNetV2 (Sandler et al., 2018) from normops modules. No weights
+    are downloaded (`weights` must be None, `progress` is accepted for
+    torchvision's signature): load torchvision's state_dict into it."""
+    if weights is not None:
+        raise ValueError(
+            "normops.models.mobilenet_v2 downloads no weights: build it with weights=None and "
+            "load a torchvision mobilenet_v2 state_dict (same keys) with load_state_dict")
     return MobileNetV2(num_classes=num_classes, width_mult=width_mult, **kwargs)

@@ -14,6 +14,7 @@ from .sync_batch_norm import check_sync_input_dim, sync_batch_norm, world_size
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "SyncBatchNorm", "LayerNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "InvertedResidual",
+    "FusedActivation",
 ]
 
 
@@ -90,6 +91,38 @@ class BatchNormAct2d(BatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+# The activations a batch norm can fuse, by the name its `activation` takes.
+FUSIBLE_ACTIVATIONS = {torch.nn.ReLU: "relu", torch.nn.ReLU6: "relu6"}
+
+
+class FusedActivation(torch.nn.Identity):
+    """The slot of a ReLU/ReLU6 in a Sequential whose batch norm before it
+    applies that activation (normops.convert, normops.models): nothing while
+    that slot holds a normops batch norm fusing it; the activation itself
+    once something else has taken its place (torch's convert_sync_batchnorm,
+    a conv-bn fusion, a hand swap), so that the Sequential still computes
+    what the unfused one did."""
+
+    def __init__(self, activation: torch.nn.Module, seq: torch.nn.Sequential,
+                 norm_key: str) -> None:
+        super().__init__()
+        self.activation = FUSIBLE_ACTIVATIONS[type(activation)]
+        # Plain attributes, not submodules: no state_dict keys, and the
+        # Sequential is not a child of its own child.
+        self.__dict__["_unfused"] = (activation, seq, norm_key)
+
+    @fx_leaf
+    def forward(self, input: Tensor) -> Tensor:
+        activation, seq, norm_key = self._unfused
+        norm = seq._modules.get(norm_key)
+        if isinstance(norm, _BatchNormForward) and norm.activation == self.activation:
+            return input
+        return activation(input)
+
+    def extra_repr(self) -> str:
+        return f"{self.activation!r}, fused into the batch norm before it"
 
 
 class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):

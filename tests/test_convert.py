@@ -35,7 +35,7 @@ def test_convert_swaps_in_place_and_keeps_numbers():
     assert [id(p) for p in model.parameters()] == params_before
     assert list(model.state_dict()) == keys_before
     assert type(model[1]) is normops.nn.BatchNormAct2d and model[1].activation == "relu6"
-    assert type(model[2]) is torch.nn.Identity
+    assert type(model[2]) is normops.nn.FusedActivation
     assert type(model[3][1]) is normops.nn.BatchNormAct2d and model[3][1].activation == "relu"
     assert type(model[4]) is normops.nn.GroupNorm
     assert type(model[5]) is normops.nn.InstanceNorm2d
@@ -123,7 +123,7 @@ def test_convert_fuses_only_where_sequential_runs_its_children_in_order():
     normops.convert(plain)
     assert type(taps[1]) is normops.nn.BatchNorm2d and type(taps[2]) is torch.nn.ReLU
     assert_close(taps(x), ref)
-    assert type(plain[1]) is normops.nn.BatchNormAct2d and type(plain[2]) is torch.nn.Identity
+    assert type(plain[1]) is normops.nn.BatchNormAct2d and type(plain[2]) is normops.nn.FusedActivation
 
     seq = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4),
                               torch.nn.ReLU()).eval()
@@ -166,3 +166,43 @@ def test_module_subclass_calling_super_forward():
     assert_close(ours(x), ref(x) * 2)
     graph = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Identity(), Scaled(4)))
     assert_close(graph(x), ref(x) * 2)
+
+
+def fused_pair_model():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=True),
+        torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU6())
+
+
+def test_fused_activation_returns_when_its_batch_norm_is_swapped_out():
+    """Tools that rebuild batch norms by isinstance (torch's
+    convert_sync_batchnorm, conv-bn fusion, a hand swap) replace a
+    BatchNormAct2d with a plain batch norm: the activation's slot then
+    applies the activation again, so the model computes what it did."""
+    torch.manual_seed(0)
+    ref = fused_pair_model().eval()
+    for bn in (ref[1], ref[4]):
+        bn.running_mean.normal_()
+    x = torch.randn(2, 3, 5, 5)
+    expected = ref(x)
+    model = normops.convert(copy.deepcopy(ref))
+    assert [type(m).__name__ for m in model] == [
+        "Conv2d", "BatchNormAct2d", "FusedActivation", "Conv2d", "BatchNormAct2d",
+        "FusedActivation"]
+    assert not any(m.training for m in model.modules())
+    assert_close(model(x), expected)
+
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+    assert type(synced[1]) is torch.nn.SyncBatchNorm
+    assert_close(synced(x), expected)
+    ours_synced = normops.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert ours_synced[1].activation == "relu" and ours_synced[4].activation == "relu6"
+    assert_close(ours_synced(x), expected)
+
+    folded = copy.deepcopy(model)
+    folded[0] = torch.nn.utils.fusion.fuse_conv_bn_eval(folded[0], folded[1])
+    folded[1] = torch.nn.Identity()
+    assert_close(folded(x), expected)
+    assert_close(model(x), expected)  # the copies' swaps left the original alone
+    compiled = torch.compile(synced, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x), expected)

@@ -415,6 +415,23 @@ def test_mobilenet_v2_norm_layer_reaches_every_layer():
     assert list(net.state_dict()) == list(ref_models.MobileNetV2().state_dict())
 
 
+def test_mobilenet_v2_signature_and_attributes_of_torchvision():
+    net = normops.models.mobilenet_v2(weights=None, progress=False, num_classes=10)
+    assert [type(m).__name__ for m in (net.features[0], net.features[-1])] == [
+        "Conv2dNormActivation"] * 2
+    assert net.features[0].out_channels == 32 and net.features[-1].out_channels == 1280
+    assert net.features[1].conv[0].out_channels == 32
+    with pytest.raises(ValueError, match="downloads no weights"):
+        normops.models.mobilenet_v2(weights="IMAGENET1K_V1")
+    norm_layers = []
+
+    def block(inp, oup, stride, expand_ratio, norm_layer):  # torchvision always passes it
+        norm_layers.append(norm_layer)
+        return normops.nn.InvertedResidual(inp, oup, stride, expand_ratio, norm_layer)
+    normops.models.mobilenet_v2(block=block)
+    assert len(norm_layers) == 17 and set(norm_layers) == {torch.nn.BatchNorm2d}
+
+
 def test_mobilenet_v2_matches_torchvision_network():
     torch.manual_seed(0)
     ref = ref_models.randomize_norms(ref_models.MobileNetV2(num_classes=10))
