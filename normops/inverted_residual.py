@@ -20,7 +20,7 @@ CUDA build, there with torch's convolutions throughout); the fused eval op
 is CPU only. Any other configuration (a norm layer that is not a
 BatchNorm2d, a changed sub-module, hooks on a sub-module (pruning, weight
 norm, observers), eval without running statistics, a device without the
-kernel, torch.func
+kernel, autocast, an input of another dtype than the weights, torch.func
 transforms and forward-mode AD) runs the unfused submodules, exactly as
 torchvision's block does.
 """
@@ -490,10 +490,13 @@ class InvertedResidual(nn.Module):
 
     @fx_leaf
     def forward(self, x: Tensor) -> Tensor:
-        found = block_stages(self.conv)
-        if (found is not None and x.dim() == 4 and x.device.type in _TRAIN_DEVICES
+        stages, stride = block_stages(self.conv) or (None, None)
+        # Under autocast the children run, in the dtypes torch's policy gives
+        # each op; an input of another dtype than the weights gets their error.
+        if (stages is not None and x.dim() == 4 and x.device.type in _TRAIN_DEVICES
+                and x.dtype == stages[1][0].weight.dtype
+                and not torch.is_autocast_enabled(x.device.type)
                 and not _runs_hooks(self.conv) and not self._needs_torch_rules(x)):
-            stages, stride = found
             norms = [bn for _, bn in filter(None, stages)]
             # Each batch norm's own mode decides, as in the unfused block
             # (a frozen BN in a training model uses its running statistics).
@@ -501,12 +504,10 @@ class InvertedResidual(nn.Module):
             if all(batch_stats):
                 _check_values_per_channel(x, stages, stride)
                 params = _stage_params(stages)
-                # The recomputing backward needs the graph-free forward to be
-                # the whole computation: under autocast the casts would be
-                # lost, and Dynamo cannot trace the backward; there the graph
-                # is recorded (AOTAutograd's partitioner chooses what to save).
-                if (self.memory_efficient and not torch.compiler.is_compiling()
-                        and not torch.is_autocast_enabled(x.device.type)):
+                # Dynamo cannot trace the recomputing backward: there the
+                # graph is recorded (AOTAutograd's partitioner chooses what
+                # to save).
+                if self.memory_efficient and not torch.compiler.is_compiling():
                     return _RecomputedTrainBlock.apply(stages, stride, self.use_res_connect, x,
                                                        *params)
                 return _train_forward(x, params, stages, stride, self.use_res_connect)[0]
