@@ -2,6 +2,7 @@
 import dis
 
 import torch
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import nn as nnops
 from .inverted_residual import block_stages, has_hooks
@@ -92,9 +93,11 @@ def convert(model: torch.nn.Module, fuse_activations: bool = True) -> torch.nn.M
     module; turn torchvision-style MobileNetV2 InvertedResidual blocks
     (recognised by structure) into normops.nn.InvertedResidual; with
     fuse_activations, fuse the other BatchNorm2d -> ReLU/ReLU6 pairs of an
-    nn.Sequential into BatchNormAct2d. The modules keep their identity,
-    parameters, buffers, hooks and training flag (only their class changes),
-    so optimizers and state_dict keys are unaffected. Returns `model`.
+    nn.Sequential into BatchNormAct2d. A lazy one (LazyBatchNorm2d, ...)
+    becomes the normops module at its first forward, unfused. The modules
+    keep their identity, parameters, buffers, hooks and training flag (only
+    their class changes), so optimizers and state_dict keys are unaffected.
+    Returns `model`.
 
     A fused pair's batch norm applies the activation itself, so code that
     runs a Sequential only up to it (`seq[:k]`, `seq[i](x)`, iterating over
@@ -117,4 +120,7 @@ def convert(model: torch.nn.Module, fuse_activations: bool = True) -> torch.nn.M
         swap = _SWAPS.get(type(module))
         if swap is not None:
             module.__class__ = swap
+        # A lazy module turns into its cls_to_become at its first forward.
+        elif isinstance(module, LazyModuleMixin) and module.cls_to_become in _SWAPS:
+            module.cls_to_become = _SWAPS[module.cls_to_become]
     return model

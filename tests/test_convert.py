@@ -206,3 +206,14 @@ def test_fused_activation_returns_when_its_batch_norm_is_swapped_out():
     assert_close(model(x), expected)  # the copies' swaps left the original alone
     compiled = torch.compile(synced, fullgraph=True, backend="aot_eager")
     assert_close(compiled(x), expected)
+
+
+def test_lazy_norms_become_normops_modules():
+    def make():
+        return torch.nn.Sequential(torch.nn.LazyBatchNorm2d(),
+                                   torch.nn.LazyInstanceNorm2d(affine=True))
+    ref, model = make(), normops.convert(make())
+    x = torch.randn(2, 3, 4, 5)
+    assert_close(model(x), ref(x))
+    assert [type(m) for m in model] == [normops.nn.BatchNorm2d, normops.nn.InstanceNorm2d]
+    assert_close(model(x), ref(x))
