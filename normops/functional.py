@@ -64,6 +64,11 @@ def _check_momentum(momentum, name: str) -> None:
 def _check_running_pair(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> None:
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
+    # No gradient flows to the running statistics; torch refuses them too.
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"normalization is not differentiable with respect to {name}: "
+                               "it cannot have requires_grad=True")
 
 
 def _activation_code(activation: Optional[str]) -> int:
@@ -217,6 +222,7 @@ def instance_norm(
         if running_mean is None or running_var is None:
             raise RuntimeError(
                 "Expected running_mean and running_var to be defined when use_input_stats is false")
+        _check_running_pair(running_mean, running_var)
         # Torch's instance norm reads running statistics of any floating
         # dtype; batch norm's rule wants the input's (float32 for bf16/fp16).
         stat_dtype = torch.float32 if input.dtype in (torch.bfloat16, torch.float16) else input.dtype

@@ -101,6 +101,24 @@ def test_argument_errors_of_torchs_type():
     assert_close(mean, 0.5 * x.mean((0, 2)))  # a 0-d tensor momentum converts, as in torch
     with pytest.raises(RuntimeError, match="expected at least 2D input"):
         NF.batch_norm(torch.randn(4), torch.zeros(4), torch.ones(4))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+def test_running_stats_that_require_grad_are_refused(training, which):
+    x = torch.randn(3, 4, 5, 5)
+    stats = {"running_mean": torch.zeros(4), "running_var": torch.ones(4)}
+    stats[which].requires_grad_()
+    for ours, theirs, mode in ((NF.batch_norm, torch.nn.functional.batch_norm, "training"),
+                               (NF.instance_norm, torch.nn.functional.instance_norm,
+                                "use_input_stats")):
+        with pytest.raises(RuntimeError, match=which):
+            theirs(x, stats["running_mean"], stats["running_var"], **{mode: training})
+        with pytest.raises(RuntimeError, match=f"with respect to {which}"):
+            ours(x, stats["running_mean"], stats["running_var"], **{mode: training})
+    assert torch.equal(stats["running_mean"], torch.zeros(4))
+    with torch.no_grad():  # as torch: no graph, no refusal
+        NF.batch_norm(x, stats["running_mean"], stats["running_var"], training=training)
     with pytest.raises(RuntimeError, match="when use_input_stats is false"):
         NF.instance_norm(x, use_input_stats=False)
 
