@@ -55,9 +55,10 @@ inline std::tuple<Tensor, Tensor, Tensor> dx_coefficients_aten(const Folded& f,
                                                               const Tensor& mean_dy_xmu,
                                                               at::ScalarType acc) {
   Tensor a = f.invstd * f.weight;
-  // Tensor form of centred_coefficient (csrc/moments.h): one invstd at a time.
-  Tensor b = -a * (f.invstd * (f.invstd * mean_dy_xmu.to(at::kDouble)));
-  Tensor c = -a * mean_dy.to(at::kDouble);
+  // Tensor forms of centred_coefficient and mean_coefficient (csrc/moments.h).
+  const Tensor mx = mean_dy_xmu.to(at::kDouble), md = mean_dy.to(at::kDouble);
+  Tensor b = at::where(mx == 0, 0.0, -a * (f.invstd * (f.invstd * mx)));
+  Tensor c = at::where(md == 0, 0.0, -a * md);
   return {a.to(acc), b.to(acc), c.to(acc)};
 }
 

@@ -174,6 +174,26 @@ def test_eval_gradients_at_nonfinite_inputs(device, activation, act, layout, dty
 
 
 @devices
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_eval_input_gradient_of_an_infinite_weight(device, layout, dtype):
+    """weight * invstd * dy, as torch: +-inf (NaN only where dy is 0), not
+    inf * 0 = NaN from the batch-statistics terms that eval does not have."""
+    torch.manual_seed(0)
+    for shape in ((3, 4, 5, 5), (3, 4)):
+        x = make_input(shape, dtype, device, layout if len(shape) == 4 else "contiguous")
+        x.requires_grad_()
+        w = torch.tensor([float("inf"), 1.0, -float("inf"), 2.0], dtype=dtype, device=device)
+        rm, b = (torch.randn(4, dtype=dtype, device=device) for _ in range(2))
+        rv = torch.rand(4, dtype=dtype, device=device) + 0.5
+        g = torch.randn(shape, dtype=dtype, device=device)
+        (gx,) = torch.autograd.grad(NF.batch_norm(x, rm, rv, w, b, False), x, g)
+        (gr,) = torch.autograd.grad(TF.batch_norm(x, rm, rv, w, b, False), x, g)
+        torch.testing.assert_close(gx, gr, equal_nan=True)
+        assert gx[:, 0].isinf().all()
+
+
+@devices
 @pytest.mark.parametrize("activation,act", [("relu", TF.relu), ("relu6", TF.relu6), (None, None)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_batchnorm_act2d(device, activation, act, layout):
