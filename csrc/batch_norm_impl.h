@@ -55,7 +55,9 @@ inline std::tuple<Tensor, Tensor, Tensor> dx_coefficients_aten(const Folded& f,
                                                               const Tensor& mean_dy_xmu,
                                                               at::ScalarType acc) {
   Tensor a = f.invstd * f.weight;
-  // Tensor forms of centred_coefficient and mean_coefficient (csrc/moments.h).
+  // Tensor form of centred_coefficient (csrc/moments.h): one invstd at a
+  // time. A zero statistic (eval: running statistics) gives a zero
+  // coefficient: with an infinite weight, torch's a * dy, not inf * 0.
   const Tensor mx = mean_dy_xmu.to(at::kDouble), md = mean_dy.to(at::kDouble);
   Tensor b = at::where(mx == 0, 0.0, -a * (f.invstd * (f.invstd * mx)));
   Tensor c = at::where(md == 0, 0.0, -a * md);

@@ -87,19 +87,10 @@ NORMOPS_HD void welford_add(A& count, A& mean, A& m2, A v) {
 // The coefficient of (x - mean) in the input gradient of a normalisation,
 // -scale * rstd^2 * mean_dy_xmu (scale: rstd times the weight, or rstd with
 // the weight inside mean_dy_xmu). One rstd at a time: rstd^2 alone underflows
-// double at a spread of 1e105, which dropped the term. 0 where mean_dy_xmu
-// is (eval, running statistics): an infinite weight then gives torch's
-// gradient, weight * invstd * dy, not inf * 0 = NaN.
+// double at a spread of 1e105, which dropped the term.
 template <typename A>
 NORMOPS_HD A centred_coefficient(A scale, A rstd, A mean_dy_xmu) {
-  return mean_dy_xmu == A(0) ? A(0) : -scale * (rstd * (rstd * mean_dy_xmu));
-}
-
-// The constant term of that gradient, -scale * mean_dy; 0 where mean_dy is,
-// as above.
-template <typename A>
-NORMOPS_HD A mean_coefficient(A scale, A mean_dy) {
-  return mean_dy == A(0) ? A(0) : -scale * mean_dy;
+  return -scale * (rstd * (rstd * mean_dy_xmu));
 }
 
 // Biased variance, as torch.nn normalises with; a zero count gives 0.

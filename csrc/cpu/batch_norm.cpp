@@ -127,7 +127,7 @@ struct CpuBatchNorm : ChannelDrivers {
           psd[c] = sd;
           psx[c] = sx;
           const double inv = pinv[c], a = inv * pw[c];
-          const A kb = A(centred_coefficient(a, inv, sx / count)), kc = A(mean_coefficient(a, sd / count));
+          const A kb = A(centred_coefficient(a, inv, sx / count)), kc = A(-a * sd / count);
           if (streams_through_buffer<T>(stream, v.HW, 1)) {
             write_output(k, stream, d + off, v.HW, stride, v.N, 1, [&](T* dst, int64_t o, int64_t n) {
               k.span_grad_input[act](g + off + o, x + off + o, dst, n, 0, 1, A(a), kb, m, kc, s, h);
@@ -166,8 +166,10 @@ struct CpuBatchNorm : ChannelDrivers {
       for (int64_t c = 0; c < C; ++c) {
         const double a = inv[c] * w[c];
         k[c] = static_cast<scalar_t>(a);
-        k[C + c] = static_cast<scalar_t>(centred_coefficient(a, inv[c], mx[c]));
-        k[2 * C + c] = static_cast<scalar_t>(mean_coefficient(a, md[c]));
+        // A zero statistic (eval: running statistics) gives a zero
+        // coefficient: with an infinite weight, torch's a * dy, not inf * 0.
+        k[C + c] = static_cast<scalar_t>(mx[c] == 0 ? 0.0 : centred_coefficient(a, inv[c], mx[c]));
+        k[2 * C + c] = static_cast<scalar_t>(md[c] == 0 ? 0.0 : -a * md[c]);
       }
     });
     return {coef[0], coef[1], coef[2]};

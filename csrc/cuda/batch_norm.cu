@@ -143,7 +143,7 @@ __global__ void backward_finalize_kernel(const A* __restrict__ psum_dy,
     grad_bias[c] = static_cast<A>(sd);
     coef[c] = static_cast<A>(a);
     coef[C + c] = static_cast<A>(centred_coefficient(a, k.invstd, sx / count));
-    coef[2 * C + c] = static_cast<A>(mean_coefficient(a, sd / count));
+    coef[2 * C + c] = static_cast<A>(-a * sd / count);
   }
 }
 
