@@ -445,7 +445,7 @@ class InvertedResidual(nn.Module):
     def __getstate__(self):
         # The fold cache is derived from the weights: torch.save(module) and
         # deepcopy would store them twice more (mobilenet_v2: 14 -> 29 MB).
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # a copy: the module keeps its cache
         state.pop("_fold_cache", None)
         return state
 
@@ -493,10 +493,12 @@ class InvertedResidual(nn.Module):
         stages, stride = block_stages(self.conv) or (None, None)
         # Under autocast the children run, in the dtypes torch's policy gives
         # each op; an input of another dtype than the weights gets their error.
+        # The weight's dtype is read after the hooks check: pruning's hooks
+        # turn it into a plain attribute.
         if (stages is not None and x.dim() == 4 and x.device.type in _TRAIN_DEVICES
-                and x.dtype == stages[1][0].weight.dtype
                 and not torch.is_autocast_enabled(x.device.type)
-                and not _runs_hooks(self.conv) and not self._needs_torch_rules(x)):
+                and not _runs_hooks(self.conv) and not self._needs_torch_rules(x)
+                and x.dtype == stages[1][0].weight.dtype):
             norms = [bn for _, bn in filter(None, stages)]
             # Each batch norm's own mode decides, as in the unfused block
             # (a frozen BN in a training model uses its running statistics).

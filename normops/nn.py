@@ -2,6 +2,8 @@
 arguments, defaults, parameters, buffers, state_dict keys, checkpoint loading
 and isinstance checks are torch's own; only the computation is normops'.
 """
+import copy
+import weakref
 from typing import Optional
 
 import torch
@@ -109,20 +111,54 @@ class FusedActivation(torch.nn.Identity):
                  norm_key: str) -> None:
         super().__init__()
         self.activation = FUSIBLE_ACTIVATIONS[type(activation)]
-        # Plain attributes, not submodules: no state_dict keys, and the
-        # Sequential is not a child of its own child.
-        self.__dict__["_unfused"] = (activation, seq, norm_key)
+        self._link(activation, seq, norm_key)
+
+    def _link(self, activation: torch.nn.Module, seq: Optional[torch.nn.Sequential],
+              norm_key: str) -> None:
+        # Plain attributes, not submodules (no state_dict keys); the Sequential
+        # weakly: it holds this slot, and a strong reference back would keep a
+        # model alive until the cycle collector runs. Without it (a slot
+        # copied or pickled apart from its Sequential) the activation applies,
+        # which is always right: ReLU and ReLU6 applied twice are applied once.
+        self.__dict__["_unfused"] = (activation, None if seq is None else weakref.ref(seq),
+                                     norm_key)
 
     @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
-        activation, seq, norm_key = self._unfused
-        norm = seq._modules.get(norm_key)
+        activation, seq_ref, norm_key = self._unfused
+        seq = None if seq_ref is None else seq_ref()
+        norm = None if seq is None else seq._modules.get(norm_key)
         if isinstance(norm, _BatchNormForward) and norm.activation == self.activation:
             return input
         return activation(input)
 
+    def __deepcopy__(self, memo):
+        # Linked to the copy of the Sequential where that is being copied (a
+        # whole model: it is in the memo before its children), else unlinked.
+        activation, seq_ref, norm_key = self._unfused
+        seq = None if seq_ref is None else seq_ref()
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = {k: v for k, v in self.__dict__.items() if k != "_unfused"}
+        torch.nn.Module.__setstate__(new, copy.deepcopy(state, memo))
+        new._link(copy.deepcopy(activation, memo), memo.get(id(seq)), norm_key)
+        return new
+
+    # A pickle carries the Sequential itself, so that a pickled model loads
+    # linked (a slot pickled alone brings its Sequential along).
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        activation, seq_ref, norm_key = state["_unfused"]
+        state["_unfused"] = (activation, None if seq_ref is None else seq_ref(), norm_key)
+        return state
+
+    def __setstate__(self, state) -> None:
+        activation, seq, norm_key = state.pop("_unfused")
+        super().__setstate__(state)
+        self._link(activation, seq, norm_key)
+
     def extra_repr(self) -> str:
-        return f"{self.activation!r}, fused into the batch norm before it"
+        return repr(self.activation)
 
 
 class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):

@@ -217,3 +217,46 @@ def test_lazy_norms_become_normops_modules():
     assert_close(model(x), ref(x))
     assert [type(m) for m in model] == [normops.nn.BatchNorm2d, normops.nn.InstanceNorm2d]
     assert_close(model(x), ref(x))
+
+
+def test_fused_activation_slots_follow_copies_and_are_freed():
+    import gc
+    import io
+    import weakref
+    torch.manual_seed(0)
+    ref = fused_pair_model().eval()
+    x = torch.randn(2, 3, 5, 5)
+    expected = ref(x)
+    model = normops.convert(copy.deepcopy(ref))
+
+    def swap_first_norm(m):  # a plain batch norm where the fused one was
+        plain = torch.nn.BatchNorm2d(4).eval()
+        plain.load_state_dict(m[1].state_dict())
+        m[1] = plain
+        return m
+
+    # A whole copy links its slots to itself: a swap there shows there only.
+    whole = copy.deepcopy(model)
+    assert_close(swap_first_norm(whole)(x), expected)
+    loaded = torch.load(io.BytesIO(_saved(model)), weights_only=False)
+    assert_close(swap_first_norm(loaded)(x), expected)
+    assert type(model[1]) is normops.nn.BatchNormAct2d
+    assert_close(model(x), expected)
+    # A slice copied alone applies the activation again: still right.
+    assert_close(copy.deepcopy(model[1:3])(model[0](x)), ref[:3](x))
+    # No reference cycle keeps a converted model alive.
+    gc.disable()
+    try:
+        tmp = normops.convert(fused_pair_model())
+        alive = weakref.ref(tmp[1])
+        del tmp
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+def _saved(module):
+    import io
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    return buf.getvalue()

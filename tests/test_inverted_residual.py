@@ -601,3 +601,22 @@ def test_forward_mode_ad_and_torch_func_match_torchvision(training):
         results.append(tangents)
     for a, b in zip(*results):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_the_fused_paths_run(monkeypatch, dtype, layout):
+    """The parity tests pass on the unfused children too: here the block
+    must take the recomputing training path and the fused eval op."""
+    import normops.inverted_residual as ir
+    ours, _ = make_pair((8, 16, 2, 6), dtype)
+    taken = []
+    train_apply, call = ir._RecomputedTrainBlock.apply, ir.call
+    monkeypatch.setattr(ir._RecomputedTrainBlock, "apply",
+                        lambda *args: taken.append("train") or train_apply(*args))
+    monkeypatch.setattr(ir, "call", lambda op, *args: taken.append(op) or call(op, *args))
+    x = make_input((2, 8, 6, 5), dtype, layout=layout)
+    ours.train()(x)
+    with torch.no_grad():
+        ours.eval()(x)
+    assert taken.count("train") == 1 and taken.count(torch.ops.normops.inverted_residual) == 1
