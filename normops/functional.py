@@ -249,10 +249,16 @@ def instance_norm(
     if input.numel() > 0 and (running_mean is not None or running_var is not None):
         with torch.no_grad():
             # The batch's mean of the per-instance statistics, the biased
-            # variance (update_running_stats makes it unbiased) computed
-            # again: rstd^-2 - eps cancels where the variance is small
-            # beside eps (a quarter of its value lost at 1e-12 against 1e-5).
-            var = input.to(mean.dtype).var(dim=tuple(range(2, input.dim())), correction=0)
-            update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0),
-                                 spatial, momentum)
+            # variance (update_running_stats makes it unbiased) from rstd:
+            # rstd^-2 - eps keeps rstd's precision where the variance is at
+            # least 1000 eps. Below, it cancels (a quarter of the value lost
+            # at 1e-12 against 1e-5), and the variance is computed again, a
+            # pass over the input (always while compiling and on meta
+            # tensors: no data-dependent branch there).
+            var = rstd.double().pow(-2).sub_(eps)
+            if (torch.compiler.is_compiling() or input.device.type == "meta"
+                    or bool((var < 1e3 * eps).any())):
+                var = input.to(mean.dtype).var(dim=tuple(range(2, input.dim())), correction=0)
+            update_running_stats(running_mean, running_var, mean.mean(0),
+                                 var.to(mean.dtype).mean(0), spatial, momentum)
     return out
