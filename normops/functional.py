@@ -61,7 +61,7 @@ def _check_momentum(momentum, name: str) -> None:
             f"{name}(): argument 'momentum' must be float, not {type(momentum).__name__}")
 
 
-def _check_running_pair(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> None:
+def _check_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> None:
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     # No gradient flows to the running statistics; torch refuses them too.
@@ -141,7 +141,7 @@ def batch_norm(
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    _check_running_pair(running_mean, running_var)
+    _check_running_stats(running_mean, running_var)
     if not training and running_mean is None:
         raise RuntimeError(
             "batch_norm: running_mean and running_var must be defined in evaluation mode")
@@ -222,7 +222,7 @@ def instance_norm(
         if running_mean is None or running_var is None:
             raise RuntimeError(
                 "Expected running_mean and running_var to be defined when use_input_stats is false")
-        _check_running_pair(running_mean, running_var)
+        _check_running_stats(running_mean, running_var)
         # Torch's instance norm reads running statistics of any floating
         # dtype; batch norm's rule wants the input's (float32 for bf16/fp16).
         stat_dtype = torch.float32 if input.dtype in (torch.bfloat16, torch.float16) else input.dtype
@@ -235,7 +235,7 @@ def instance_norm(
     if spatial == 1:
         raise ValueError(
             f"Expected more than 1 spatial element when training, got input size {input.size()}")
-    _check_running_pair(running_mean, running_var)
+    _check_running_stats(running_mean, running_var)
     C = input.size(1)
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):

@@ -2,7 +2,6 @@
 arguments, defaults, parameters, buffers, state_dict keys, checkpoint loading
 and isinstance checks are torch's own; only the computation is normops'.
 """
-import copy
 import weakref
 from typing import Optional
 
@@ -132,20 +131,9 @@ class FusedActivation(torch.nn.Identity):
             return input
         return activation(input)
 
-    def __deepcopy__(self, memo):
-        # Linked to the copy of the Sequential where that is being copied (a
-        # whole model: it is in the memo before its children), else unlinked.
-        activation, seq_ref, norm_key = self._unfused
-        seq = None if seq_ref is None else seq_ref()
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        state = {k: v for k, v in self.__dict__.items() if k != "_unfused"}
-        torch.nn.Module.__setstate__(new, copy.deepcopy(state, memo))
-        new._link(copy.deepcopy(activation, memo), memo.get(id(seq)), norm_key)
-        return new
-
-    # A pickle carries the Sequential itself, so that a pickled model loads
-    # linked (a slot pickled alone brings its Sequential along).
+    # Copies and pickles carry the Sequential itself: a copied model's slots
+    # link to its copied Sequentials (the memo); a slot copied alone brings
+    # its Sequential along, which nothing else holds, and ends up unlinked.
     def __getstate__(self):
         state = dict(super().__getstate__())
         activation, seq_ref, norm_key = state["_unfused"]

@@ -1,5 +1,8 @@
 """normops.convert on models built from torch.nn."""
 import copy
+import gc
+import io
+import weakref
 
 import torch
 
@@ -220,9 +223,6 @@ def test_lazy_norms_become_normops_modules():
 
 
 def test_fused_activation_slots_follow_copies_and_are_freed():
-    import gc
-    import io
-    import weakref
     torch.manual_seed(0)
     ref = fused_pair_model().eval()
     x = torch.randn(2, 3, 5, 5)
@@ -256,7 +256,6 @@ def test_fused_activation_slots_follow_copies_and_are_freed():
 
 
 def _saved(module):
-    import io
     buf = io.BytesIO()
     torch.save(module, buf)
     return buf.getvalue()
