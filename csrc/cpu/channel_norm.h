@@ -5,6 +5,7 @@
 // per_sample = true).
 #pragma once
 
+#include <memory>
 #include <vector>
 
 #include "../batch_norm_impl.h"
@@ -45,6 +46,21 @@ void for_each_row_task(int64_t samples, int64_t rows_per_sample, int64_t splits,
     }
   });
 }
+
+// Uninitialised scratch of `len` values for each thread of a parallel_for
+// (the kernels write it before reading it: zeroing it cost more than the
+// kernels on many short samples).
+template <typename A>
+class ThreadScratch {
+ public:
+  explicit ThreadScratch(int64_t len)
+      : len_(len), data_(new A[static_cast<size_t>(len * at::get_num_threads())]) {}
+  A* get() const { return data_.get() + at::get_thread_num() * len_; }
+
+ private:
+  int64_t len_;
+  std::unique_ptr<A[]> data_;
+};
 
 // Moments (mean, m2) per channel (count N*HW) or per (n, c) (count HW).
 template <typename T>
@@ -87,25 +103,33 @@ std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample)
   const int64_t rows_per_sample = per_sample ? v.HW : v.N * v.HW;
   const int64_t R = block_rows(v.C, sizeof(T));
   const int64_t splits = row_splits(samples, rows_per_sample, R);
-  // Per task: moments [2C], then the kernel's scratch [3C].
-  std::vector<A> part(static_cast<size_t>(samples * splits * v.C * 5));
-  std::vector<A> part_count(static_cast<size_t>(samples * splits));
   const int64_t C = v.C;
+  A* om = ptr<A>(mean);
+  A* oq = ptr<A>(m2);
+  const ThreadScratch<A> scratch(3 * C);
+  if (splits == 1) {  // a task per sample, straight into its moments
+    for_each_row_task(samples, rows_per_sample, 1, C,
+                      [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
+      k.column_moments(x + r0 * C, r1 - r0, C, R, om + n * C, oq + n * C, scratch.get());
+    });
+    return {mean, m2};
+  }
+  // Per task: moments [2C].
+  std::vector<A> part(static_cast<size_t>(samples * splits * C * 2));
+  std::vector<A> part_count(static_cast<size_t>(samples * splits));
   for_each_row_task(samples, rows_per_sample, splits, C,
                     [&](int64_t t, int64_t, int64_t r0, int64_t r1) {
-    A* tm = part.data() + t * C * 5;
-    k.column_moments(x + r0 * C, r1 - r0, C, R, tm, tm + C, tm + 2 * C);
+    A* tm = part.data() + t * C * 2;
+    k.column_moments(x + r0 * C, r1 - r0, C, R, tm, tm + C, scratch.get());
     part_count[t] = A(r1 - r0);
   });
   // Every task holds at least one row: merge each sample's tasks into its first.
-  A* om = ptr<A>(mean);
-  A* oq = ptr<A>(m2);
   for (int64_t n = 0; n < samples; ++n) {
-    A* base = part.data() + n * splits * C * 5;
+    A* base = part.data() + n * splits * C * 2;
     A count = part_count[n * splits];
     for (int64_t s = 1; s < splits; ++s) {
       const int64_t t = n * splits + s;
-      const A* tm = part.data() + t * C * 5;
+      const A* tm = part.data() + t * C * 2;
       k.merge_columns(base, base + C, count, tm, tm + C, part_count[t], C);
       count += part_count[t];
     }
@@ -211,15 +235,25 @@ std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& 
   const int64_t rows_per_sample = per_sample ? v.HW : v.N * v.HW;
   const int64_t R = block_rows(C, 2 * sizeof(T));
   const int64_t splits = row_splits(samples, rows_per_sample, R);
-  // Per task: double accumulators [2C], and the kernel's scratch [2C].
+  const ThreadScratch<A> scratch(2 * C);
+  const auto sums = [&](int64_t n, int64_t r0, int64_t r1, double* ad, double* ax) {
+    const int64_t o = per_sample ? n * C : 0;
+    k.row_grad_sums[act](g + r0 * C, x + r0 * C, r1 - r0, C, R, m + o, s + o, h + o, ad, ax,
+                         scratch.get());
+  };
+  if (splits == 1) {  // a task per sample, added straight into its sums
+    for_each_row_task(samples, rows_per_sample, 1, C,
+                      [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
+      sums(n, r0, r1, od + n * C, ox + n * C);
+    });
+    return {sum_dy, sum_dy_xmu};
+  }
+  // Per task: double accumulators [2C].
   std::vector<double> acc(static_cast<size_t>(samples * splits * C * 2), 0.0);
-  std::vector<A> scratch(static_cast<size_t>(samples * splits * C * 2));
   for_each_row_task(samples, rows_per_sample, splits, C,
                     [&](int64_t t, int64_t n, int64_t r0, int64_t r1) {
     double* ad = acc.data() + t * C * 2;
-    const int64_t o = per_sample ? n * C : 0;
-    k.row_grad_sums[act](g + r0 * C, x + r0 * C, r1 - r0, C, R, m + o, s + o, h + o, ad, ad + C,
-                         scratch.data() + t * C * 2);
+    sums(n, r0, r1, ad, ad + C);
   });
   for (int64_t n = 0; n < samples; ++n) {
     for (int64_t sp = 0; sp < splits; ++sp) {
