@@ -8,7 +8,7 @@ import normops.functional as NF
 from helpers import LAYOUTS, assert_close, assert_grads_close, devices, make_input
 
 CASES = [((2, 6, 5, 5), 3), ((1, 4, 7), 2), ((3, 8, 2, 3, 4), 4), ((2, 6, 1, 1), 2),
-         ((4, 32, 6, 6), 32), ((2, 64, 3, 5), 1), ((1, 12, 9), 12)]
+         ((4, 32, 6, 6), 32), ((2, 64, 3, 5), 1), ((1, 12, 9), 12), ((33, 96, 1, 1), 32)]
 
 
 @devices
@@ -35,8 +35,9 @@ def test_group_norm_parity(device, dtype, layout, shape, groups, affine):
 @devices
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_group_norm_reduced_precision_mixed(device, dtype, layout):
-    x = make_input((2, 8, 6, 5), dtype, device, layout).requires_grad_()
+@pytest.mark.parametrize("shape", [(2, 8, 6, 5), (9, 8, 1, 1)])
+def test_group_norm_reduced_precision_mixed(device, dtype, layout, shape):
+    x = make_input(shape, dtype, device, layout).requires_grad_()
     w = torch.rand(8, device=device).add_(0.5).requires_grad_()
     b = torch.randn(8, device=device).requires_grad_()
     y = NF.group_norm(x, 4, w, b)

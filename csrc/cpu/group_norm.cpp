@@ -14,11 +14,13 @@ namespace {
 
 using group_norm::kOp;
 
-// NCHW with enough groups for every thread: each (n, group) is one contiguous
-// span of C/G planes, normalised (or differentiated) right after its
-// reduction while it is still in cache: one read of x (and dy) from memory.
+// NCHW (or one spatial element, [N, C]) with enough groups for every thread:
+// each (n, group) is one contiguous span of C/G planes, normalised (or
+// differentiated) right after its reduction while it is still in cache: one
+// read of x (and dy) from memory. Planes of one value are walked as one row
+// of C/G channels (a kernel call per value cost 4x ATen's time).
 bool fused_by_group(const ChannelView& v, int64_t G) {
-  return !v.rows && v.N * G >= at::get_num_threads();
+  return (!v.rows || v.HW == 1) && v.N * G >= at::get_num_threads();
 }
 
 // Forward by group; fills mean and rstd [N*G].
@@ -31,7 +33,8 @@ void forward_by_group(const ChannelView& v, int64_t G, const Tensor& out, const 
   const T* x = ptr<const T>(v.x);
   T* y = ptr<T>(out);
   const bool stream = stream_output(out);
-  const bool buffered = streams_through_buffer<T>(stream, D * v.HW, 1);
+  const bool buffered = v.HW > 1 && streams_through_buffer<T>(stream, D * v.HW, 1);
+  const auto group_affine = v.HW == 1 ? k.row_affine[0] : k.plane_affine[0];
   at::parallel_for(0, v.N * G, grain_for(v.C / G * v.HW), [&](int64_t g0, int64_t g1) {
     const StreamFence fence{stream};
     std::vector<A> consts(buffered ? 0 : 3 * D);  // the group's planes' mean, scale, bias
@@ -49,8 +52,8 @@ void forward_by_group(const ChannelView& v, int64_t G, const Tensor& out, const 
           consts[D + d] = A(r * w[c0 + d]);
           consts[2 * D + d] = A(b[c0 + d]);
         }
-        k.plane_affine[0](x + base, y + base, v.HW, D, consts.data(), consts.data() + D,
-                          consts.data() + 2 * D);
+        group_affine(x + base, y + base, v.HW, D, consts.data(), consts.data() + D,
+                     consts.data() + 2 * D);
       } else {
         write_output(k, stream, y + base, D * v.HW, 0, 1, 1, [&](T* dst, int64_t o, int64_t n) {
           for_each_segment(o, o + n, v.HW, [&](int64_t i, int64_t end, int64_t d) {
@@ -77,42 +80,52 @@ void forward_by_channel(const ChannelView& v, int64_t G, const Tensor& out, cons
   const A* qc = ptr<const A>(m2_c);
   Tensor consts = at::empty({3, N * C}, mean_c.options());  // mean, scale, bias per (n, c)
   A* k = ptr<A>(consts);
-  for (int64_t ng = 0; ng < N * G; ++ng) {
-    const int64_t p0 = ng * D;
-    double mu = 0, m2 = 0;
-    for (int64_t d = 0; d < D; ++d) mu += double(mc[p0 + d]);
-    mu /= double(D);
-    for (int64_t d = 0; d < D; ++d) {
-      const double delta = double(mc[p0 + d]) - mu;
-      m2 += double(qc[p0 + d]) + delta * delta * double(v.HW);
+  // As many constants as values when the planes are short: in parallel.
+  at::parallel_for(0, N * G, grain_for(4 * D), [&](int64_t g0, int64_t g1) {
+    for (int64_t ng = g0; ng < g1; ++ng) {
+      const int64_t p0 = ng * D;
+      double mu = 0, m2 = 0;
+      for (int64_t d = 0; d < D; ++d) mu += double(mc[p0 + d]);
+      mu /= double(D);
+      for (int64_t d = 0; d < D; ++d) {
+        const double delta = double(mc[p0 + d]) - mu;
+        m2 += double(qc[p0 + d]) + delta * delta * double(v.HW);
+      }
+      const double r = 1.0 / std::sqrt(m2 / double(D * v.HW) + eps);
+      const double* wg = w + (ng % G) * D;
+      const double* bg = b + (ng % G) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        k[p0 + d] = A(mu);
+        k[N * C + p0 + d] = A(r * wg[d]);
+        k[2 * N * C + p0 + d] = A(bg[d]);
+      }
+      mean[ng] = mu;
+      rstd[ng] = r;
     }
-    const double r = 1.0 / std::sqrt(m2 / double(D * v.HW) + eps);
-    for (int64_t d = 0; d < D; ++d) {
-      const int64_t c = (ng % G) * D + d;
-      k[p0 + d] = A(mu);
-      k[N * C + p0 + d] = A(r * w[c]);
-      k[2 * N * C + p0 + d] = A(b[c]);
-    }
-    mean[ng] = mu;
-    rstd[ng] = r;
-  }
+  });
   channel_affine<T>(v, out, consts[0], consts[1], consts[2], /*per_sample=*/true, 0);
 }
 
-// Backward by group: fills dx and the per-(n, c) sums of dy and dy*(x-mean).
+// Backward by group: fills dx; returns the per-(n, c) sums of dy and
+// dy*(x-mean) (double).
 template <typename T>
-void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const Tensor& dx,
-                       const double* mean, const double* rstd, const double* w, double* sum_dy,
-                       double* sum_dy_xmu) {
+std::pair<Tensor, Tensor> backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy,
+                                            const Tensor& dx, const double* mean,
+                                            const double* rstd, const double* w) {
   using A = acc_t<T>;
   const auto& k = kernels<T>();
   const int64_t D = v.C / G;
+  const auto dopts = v.x.options().dtype(at::kDouble);
+  Tensor sums_dy = at::empty({v.N * v.C}, dopts), sums_dy_xmu = at::empty({v.N * v.C}, dopts);
+  double* sum_dy = ptr<double>(sums_dy);
+  double* sum_dy_xmu = ptr<double>(sums_dy_xmu);
   const double count = double(D * v.HW);
   const T* x = ptr<const T>(v.x);
   const T* g = ptr<const T>(dy);
   T* d = ptr<T>(dx);
   const bool stream = stream_output(dx);
-  const bool buffered = streams_through_buffer<T>(stream, D * v.HW, 1);
+  const bool buffered = v.HW > 1 && streams_through_buffer<T>(stream, D * v.HW, 1);
+  const auto group_grad_input = v.HW == 1 ? k.row_grad_input[0] : k.plane_grad_input[0];
   at::parallel_for(0, v.N * G, grain_for(v.C / G * v.HW), [&](int64_t g0, int64_t g1) {
     const StreamFence fence{stream};
     // The group's planes' a, b, mean and c, for plane_grad_input.
@@ -120,18 +133,27 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
     for (int64_t ng = g0; ng < g1; ++ng) {
       const A m = A(mean[ng]);
       const double r = rstd[ng];
+      const int64_t p0 = ng * D, base = p0 * v.HW, c0 = (ng % G) * D;
+      if (v.HW == 1) {  // planes of one value: the sums are the terms
+        for (int64_t p = p0; p < p0 + D; ++p) {
+          sum_dy[p] = as_double(g[p]);
+          sum_dy_xmu[p] = sum_dy[p] * (as_double(x[p]) - double(m));
+        }
+      } else {
+        for (int64_t j = 0; j < D; ++j) {
+          const int64_t p = p0 + j;
+          A pd, px;
+          k.span_grad_sums[0](g + p * v.HW, x + p * v.HW, v.HW, 0, 1, m, 1, 0, &pd, &px);
+          sum_dy[p] = pd;
+          sum_dy_xmu[p] = px;
+        }
+      }
       double e1 = 0, e2 = 0;
       for (int64_t j = 0; j < D; ++j) {
-        const int64_t p = ng * D + j;
-        A pd, px;
-        k.span_grad_sums[0](g + p * v.HW, x + p * v.HW, v.HW, 0, 1, m, 1, 0, &pd, &px);
-        sum_dy[p] = pd;
-        sum_dy_xmu[p] = px;
-        e1 += w[(ng % G) * D + j] * pd;
-        e2 += w[(ng % G) * D + j] * px;
+        e1 += w[c0 + j] * sum_dy[p0 + j];
+        e2 += w[c0 + j] * sum_dy_xmu[p0 + j];
       }
       const A kb = A(centred_coefficient(r, r, e2 / count)), kc = A(-r * e1 / count);
-      const int64_t base = ng * D * v.HW, c0 = (ng % G) * D;
       if (!buffered) {  // one call for the group's planes, as in the forward
         for (int64_t j = 0; j < D; ++j) {
           coef[j] = A(r * w[c0 + j]);
@@ -141,8 +163,8 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
         }
         // No activation: the mask's scale and bias arguments are not read.
         const A* pc = coef.data();
-        k.plane_grad_input[0](g + base, x + base, d + base, v.HW, D, pc, pc + D, pc + 2 * D,
-                              pc + 3 * D, pc, pc);
+        group_grad_input(g + base, x + base, d + base, v.HW, D, pc, pc + D, pc + 2 * D,
+                         pc + 3 * D, pc, pc);
       } else {
         write_output(k, stream, d + base, D * v.HW, 0, 1, 1, [&](T* dst, int64_t o, int64_t n) {
           for_each_segment(o, o + n, v.HW, [&](int64_t i, int64_t end, int64_t j) {
@@ -153,43 +175,51 @@ void backward_by_group(const ChannelView& v, int64_t G, const Tensor& dy, const 
       }
     }
   });
+  return {sums_dy, sums_dy_xmu};
 }
 
 // dx = rstd*w*dy - rstd^3 * E[dy*w*(x-mean)] * (x-mean) - rstd * E[dy*w],
-// the expectations over each (n, group); through the drivers. Fills the
-// per-(n, c) sums, and dx when it is defined.
+// the expectations over each (n, group); through the drivers. Fills dx when
+// it is defined; returns the per-(n, c) sums, as backward_by_group.
 template <typename T>
-void backward_by_channel(const ChannelView& v, int64_t G, const Tensor& dy, const Tensor& dx,
-                         const double* mean, const double* rstd, const double* w, double* sum_dy,
-                         double* sum_dy_xmu) {
+std::pair<Tensor, Tensor> backward_by_channel(const ChannelView& v, int64_t G, const Tensor& dy,
+                                              const Tensor& dx, const double* mean,
+                                              const double* rstd, const double* w) {
   using A = acc_t<T>;
   const int64_t N = v.N, C = v.C, D = C / G;
   const double count = double(D * v.HW);
   // a, b, mean, c per (n, c): dx = a * dy + b * (x - mean) + c.
   Tensor coef = at::empty({4, N * C}, v.x.options().dtype(acc_dtype(v.x.scalar_type())));
   A* k = ptr<A>(coef);
-  for (int64_t p = 0; p < N * C; ++p) k[2 * N * C + p] = A(mean[p / D]);
+  at::parallel_for(0, N * G, grain_for(D), [&](int64_t g0, int64_t g1) {
+    for (int64_t ng = g0; ng < g1; ++ng) std::fill_n(k + 2 * N * C + ng * D, D, A(mean[ng]));
+  });
   // No activation: the mask's scale and bias arguments are not read.
-  auto [sd, sx] = channel_grad_sums<T>(v, dy, coef[2], coef[2], coef[2], /*per_sample=*/true, 0);
-  std::copy(ptr<const double>(sd), ptr<const double>(sd) + N * C, sum_dy);
-  std::copy(ptr<const double>(sx), ptr<const double>(sx) + N * C, sum_dy_xmu);
-  if (!dx.defined()) return;
-  for (int64_t ng = 0; ng < N * G; ++ng) {
-    const int64_t p0 = ng * D;
-    double e1 = 0, e2 = 0;
-    for (int64_t j = 0; j < D; ++j) {
-      e1 += w[(ng % G) * D + j] * sum_dy[p0 + j];
-      e2 += w[(ng % G) * D + j] * sum_dy_xmu[p0 + j];
+  auto sums = channel_grad_sums<T>(v, dy, coef[2], coef[2], coef[2], /*per_sample=*/true, 0);
+  if (!dx.defined()) return sums;
+  const double* sum_dy = ptr<const double>(sums.first);
+  const double* sum_dy_xmu = ptr<const double>(sums.second);
+  at::parallel_for(0, N * G, grain_for(4 * D), [&](int64_t g0, int64_t g1) {
+    for (int64_t ng = g0; ng < g1; ++ng) {
+      const int64_t p0 = ng * D;
+      const double* wg = w + (ng % G) * D;
+      double e1 = 0, e2 = 0;
+      for (int64_t j = 0; j < D; ++j) {
+        e1 += wg[j] * sum_dy[p0 + j];
+        e2 += wg[j] * sum_dy_xmu[p0 + j];
+      }
+      const double r = rstd[ng];
+      const A kb = A(centred_coefficient(r, r, e2 / count)), kc = A(-r * e1 / count);
+      for (int64_t j = 0; j < D; ++j) {
+        k[p0 + j] = A(r * wg[j]);
+        k[N * C + p0 + j] = kb;
+        k[3 * N * C + p0 + j] = kc;
+      }
     }
-    const double r = rstd[ng];
-    for (int64_t j = 0; j < D; ++j) {
-      k[p0 + j] = A(r * w[(ng % G) * D + j]);
-      k[N * C + p0 + j] = A(centred_coefficient(r, r, e2 / count));
-      k[3 * N * C + p0 + j] = A(-r * e1 / count);
-    }
-  }
+  });
   channel_grad_input<T>(v, dy, dx, coef[0], coef[1], coef[2], coef[3], coef[0], coef[0],
                         /*per_sample=*/true, 0);
+  return sums;
 }
 
 struct CpuGroupNorm {
@@ -220,21 +250,31 @@ struct CpuGroupNorm {
     read_as_double(rstd.reshape({N * G}), rd.data());
     const auto w = param_as_double(weight, C, 1.0);
     Tensor dx = output_mask[0] ? like(v) : Tensor();
-    std::vector<double> sum_dy(static_cast<size_t>(N * C), 0.0), sum_dy_xmu(sum_dy);
+    std::pair<Tensor, Tensor> sums;
     if (v.x.numel() > 0) {
       dispatch_floating(v.x.scalar_type(), kOp, [&](auto tag) {
         using T = typename decltype(tag)::type;
-        (dx.defined() && fused_by_group(v, G) ? backward_by_group<T> : backward_by_channel<T>)(
-            v, G, dy, dx, md.data(), rd.data(), w.data(), sum_dy.data(), sum_dy_xmu.data());
+        sums = (dx.defined() && fused_by_group(v, G) ? backward_by_group<T>
+                                                     : backward_by_channel<T>)(
+            v, G, dy, dx, md.data(), rd.data(), w.data());
       });
     }
     // Parameter gradients have the weight's dtype (the input's without one).
     std::vector<double> grad_weight(static_cast<size_t>(C), 0.0), grad_bias(grad_weight);
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t c = 0; c < C; ++c) {
-        grad_weight[c] += sum_dy_xmu[n * C + c] * rd[n * G + c / D];
-        grad_bias[c] += sum_dy[n * C + c];
-      }
+    if (v.x.numel() > 0) {
+      const double* sum_dy = ptr<const double>(sums.first);
+      const double* sum_dy_xmu = ptr<const double>(sums.second);
+      at::parallel_for(0, G, grain_for(N * D), [&](int64_t g0, int64_t g1) {
+        for (int64_t n = 0; n < N; ++n) {
+          for (int64_t g = g0; g < g1; ++g) {
+            const double r = rd[n * G + g];
+            for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+              grad_weight[c] += sum_dy_xmu[n * C + c] * r;
+              grad_bias[c] += sum_dy[n * C + c];
+            }
+          }
+        }
+      });
     }
     return {output_mask[0] ? dx : at::empty({0}, v.x.options()),
             param_grad_from(v.x, output_mask[1], weight, grad_weight),
