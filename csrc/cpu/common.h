@@ -29,15 +29,6 @@ struct Tag {
   using type = T;
 };
 
-// A stored value as double, outside the kernels (bf16_t and half_t hold c10's
-// bits).
-template <typename T>
-double as_double(T v) {
-  return double(v);
-}
-inline double as_double(bf16_t v) { return c10::BFloat16(v.bits, c10::BFloat16::from_bits()); }
-inline double as_double(half_t v) { return c10::Half(v.bits, c10::Half::from_bits()); }
-
 // Calls f(Tag<T>{}) with T the kernel storage type of `dtype`.
 template <typename F>
 void dispatch_floating(at::ScalarType dtype, const char* op, F&& f) {

@@ -128,28 +128,18 @@ std::pair<Tensor, Tensor> backward_by_group(const ChannelView& v, int64_t G, con
   const auto group_grad_input = v.HW == 1 ? k.row_grad_input[0] : k.plane_grad_input[0];
   at::parallel_for(0, v.N * G, grain_for(v.C / G * v.HW), [&](int64_t g0, int64_t g1) {
     const StreamFence fence{stream};
-    // The group's planes' a, b, mean and c, for plane_grad_input.
-    std::vector<A> coef(buffered ? 0 : 4 * D);
+    // The group's planes' a, b, mean and c, for plane_grad_input; first
+    // their sums.
+    std::vector<A> coef(4 * D);
     for (int64_t ng = g0; ng < g1; ++ng) {
       const A m = A(mean[ng]);
       const double r = rstd[ng];
       const int64_t p0 = ng * D, base = p0 * v.HW, c0 = (ng % G) * D;
-      if (v.HW == 1) {  // planes of one value: the sums are the terms
-        for (int64_t p = p0; p < p0 + D; ++p) {
-          sum_dy[p] = as_double(g[p]);
-          sum_dy_xmu[p] = sum_dy[p] * (as_double(x[p]) - double(m));
-        }
-      } else {
-        for (int64_t j = 0; j < D; ++j) {
-          const int64_t p = p0 + j;
-          A pd, px;
-          k.span_grad_sums[0](g + p * v.HW, x + p * v.HW, v.HW, 0, 1, m, 1, 0, &pd, &px);
-          sum_dy[p] = pd;
-          sum_dy_xmu[p] = px;
-        }
-      }
+      k.plane_grad_sums(g + base, x + base, v.HW, D, m, coef.data(), coef.data() + D);
       double e1 = 0, e2 = 0;
       for (int64_t j = 0; j < D; ++j) {
+        sum_dy[p0 + j] = coef[j];
+        sum_dy_xmu[p0 + j] = coef[D + j];
         e1 += w[c0 + j] * sum_dy[p0 + j];
         e2 += w[c0 + j] * sum_dy_xmu[p0 + j];
       }

@@ -88,6 +88,11 @@ struct Kernels {
   void (*span_grad_sums[kNumActs])(const T* dy, const T* x, int64_t len, int64_t stride,
                                    int64_t count, A mean, A scale, A bias, A* sum_dy,
                                    A* sum_dy_xmu);
+  // The same without activation over `planes` contiguous planes of len values
+  // sharing one mean (a group of group norm), per plane: sum_dy[j],
+  // sum_dy_xmu[j].
+  void (*plane_grad_sums)(const T* dy, const T* x, int64_t len, int64_t planes, A mean,
+                          A* sum_dy, A* sum_dy_xmu);
   // The same per channel of a rows x C block, over cache blocks of block_rows
   // rows, added (+=) into double accumulators. scratch: 2*C.
   void (*row_grad_sums[kNumActs])(const T* dy, const T* x, int64_t rows, int64_t C,
