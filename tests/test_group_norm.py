@@ -80,3 +80,31 @@ def test_group_norm_large_mean_and_zero_batch():
     y = NF.group_norm(x, 2)
     assert y.shape == x.shape
     y.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,groups,layout", [
+    ((3, 8, 5, 7), 4, "contiguous"),      # fused by (n, group)
+    ((5, 12, 1, 1), 4, "contiguous"),     # by group, planes of one value
+    ((5, 12, 4, 3), 4, "channels_last"),  # fused by sample
+    ((3, 12, 4, 3), 4, "channels_last"),  # through the drivers: too few samples
+    ((1, 12, 4, 3), 1, "contiguous"),     # through the drivers: one group
+])
+def test_group_norm_cpu_paths(dtype, shape, groups, layout):
+    """Each CPU path, chosen by layout and by the work per thread, at 2 threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = make_input(shape, dtype, layout=layout, scale=2.0, offset=0.3).requires_grad_()
+        w = torch.rand(shape[1], dtype=torch.float64).add_(0.5).to(x.dtype).requires_grad_()
+        b = torch.randn(shape[1], dtype=torch.float64).to(x.dtype).requires_grad_()
+        y = NF.group_norm(x, groups, w, b)
+        xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+        yr = TF.group_norm(xr, groups, wr, br)
+        assert_close(y, yr, dtype)
+        g = torch.randn_like(yr)
+        for a, e in zip(torch.autograd.grad(y, (x, w, b), g.to(dtype)),
+                        torch.autograd.grad(yr, (xr, wr, br), g)):
+            assert_close(a, e, dtype, grad=True)
+    finally:
+        torch.set_num_threads(threads)
