@@ -30,37 +30,25 @@ inline int64_t row_splits(int64_t samples, int64_t rows_per_sample, int64_t min_
       1, std::min<int64_t>(splits, rows_per_sample / std::max<int64_t>(1, min_rows)));
 }
 
-// Runs f(task, sample, row_begin, row_end) in parallel over `splits` tasks
-// per sample (row indices absolute), rows of C values; tasks too small to
-// be worth a thread's wake-up (grain_for) run together.
-template <typename F>
+// Runs f(task, sample, row_begin, row_end, scratch) in parallel over
+// `splits` tasks per sample (row indices absolute), rows of C values; tasks
+// too small to be worth a thread's wake-up (grain_for) run together, sharing
+// `scratch_len` uninitialised values of scratch (the kernels write it before
+// reading it).
+template <typename A, typename F>
 void for_each_row_task(int64_t samples, int64_t rows_per_sample, int64_t splits, int64_t C,
-                       const F& f) {
+                       int64_t scratch_len, const F& f) {
   const int64_t grain = grain_for(rows_per_sample / splits * C);
   at::parallel_for(0, samples * splits, grain, [&](int64_t t0, int64_t t1) {
+    const std::unique_ptr<A[]> scratch(new A[static_cast<size_t>(scratch_len)]);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / splits, s = t % splits;
       const int64_t r0 = n * rows_per_sample + rows_per_sample * s / splits;
       const int64_t r1 = n * rows_per_sample + rows_per_sample * (s + 1) / splits;
-      f(t, n, r0, r1);
+      f(t, n, r0, r1, scratch.get());
     }
   });
 }
-
-// Uninitialised scratch of `len` values for each thread of a parallel_for
-// (the kernels write it before reading it: zeroing it cost more than the
-// kernels on many short samples).
-template <typename A>
-class ThreadScratch {
- public:
-  explicit ThreadScratch(int64_t len)
-      : len_(len), data_(new A[static_cast<size_t>(len * at::get_num_threads())]) {}
-  A* get() const { return data_.get() + at::get_thread_num() * len_; }
-
- private:
-  int64_t len_;
-  std::unique_ptr<A[]> data_;
-};
 
 // Moments (mean, m2) per channel (count N*HW) or per (n, c) (count HW).
 template <typename T>
@@ -106,21 +94,20 @@ std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample)
   const int64_t C = v.C;
   A* om = ptr<A>(mean);
   A* oq = ptr<A>(m2);
-  const ThreadScratch<A> scratch(3 * C);
   if (splits == 1) {  // a task per sample, straight into its moments
-    for_each_row_task(samples, rows_per_sample, 1, C,
-                      [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
-      k.column_moments(x + r0 * C, r1 - r0, C, R, om + n * C, oq + n * C, scratch.get());
+    for_each_row_task<A>(samples, rows_per_sample, 1, C, 3 * C,
+                         [&](int64_t, int64_t n, int64_t r0, int64_t r1, A* scratch) {
+      k.column_moments(x + r0 * C, r1 - r0, C, R, om + n * C, oq + n * C, scratch);
     });
     return {mean, m2};
   }
   // Per task: moments [2C].
   std::vector<A> part(static_cast<size_t>(samples * splits * C * 2));
   std::vector<A> part_count(static_cast<size_t>(samples * splits));
-  for_each_row_task(samples, rows_per_sample, splits, C,
-                    [&](int64_t t, int64_t, int64_t r0, int64_t r1) {
+  for_each_row_task<A>(samples, rows_per_sample, splits, C, 3 * C,
+                       [&](int64_t t, int64_t, int64_t r0, int64_t r1, A* scratch) {
     A* tm = part.data() + t * C * 2;
-    k.column_moments(x + r0 * C, r1 - r0, C, R, tm, tm + C, scratch.get());
+    k.column_moments(x + r0 * C, r1 - r0, C, R, tm, tm + C, scratch);
     part_count[t] = A(r1 - r0);
   });
   // Every task holds at least one row: merge each sample's tasks into its first.
@@ -235,25 +222,24 @@ std::pair<Tensor, Tensor> channel_grad_sums(const ChannelView& v, const Tensor& 
   const int64_t rows_per_sample = per_sample ? v.HW : v.N * v.HW;
   const int64_t R = block_rows(C, 2 * sizeof(T));
   const int64_t splits = row_splits(samples, rows_per_sample, R);
-  const ThreadScratch<A> scratch(2 * C);
-  const auto sums = [&](int64_t n, int64_t r0, int64_t r1, double* ad, double* ax) {
+  const auto sums = [&](int64_t n, int64_t r0, int64_t r1, double* ad, double* ax, A* scratch) {
     const int64_t o = per_sample ? n * C : 0;
     k.row_grad_sums[act](g + r0 * C, x + r0 * C, r1 - r0, C, R, m + o, s + o, h + o, ad, ax,
-                         scratch.get());
+                         scratch);
   };
   if (splits == 1) {  // a task per sample, added straight into its sums
-    for_each_row_task(samples, rows_per_sample, 1, C,
-                      [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
-      sums(n, r0, r1, od + n * C, ox + n * C);
+    for_each_row_task<A>(samples, rows_per_sample, 1, C, 2 * C,
+                         [&](int64_t, int64_t n, int64_t r0, int64_t r1, A* scratch) {
+      sums(n, r0, r1, od + n * C, ox + n * C, scratch);
     });
     return {sum_dy, sum_dy_xmu};
   }
   // Per task: double accumulators [2C].
   std::vector<double> acc(static_cast<size_t>(samples * splits * C * 2), 0.0);
-  for_each_row_task(samples, rows_per_sample, splits, C,
-                    [&](int64_t t, int64_t n, int64_t r0, int64_t r1) {
+  for_each_row_task<A>(samples, rows_per_sample, splits, C, 2 * C,
+                       [&](int64_t t, int64_t n, int64_t r0, int64_t r1, A* scratch) {
     double* ad = acc.data() + t * C * 2;
-    sums(n, r0, r1, ad, ad + C);
+    sums(n, r0, r1, ad, ad + C, scratch);
   });
   for (int64_t n = 0; n < samples; ++n) {
     for (int64_t sp = 0; sp < splits; ++sp) {
