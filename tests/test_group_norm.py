@@ -87,7 +87,8 @@ def test_group_norm_large_mean_and_zero_batch():
     ((3, 8, 5, 7), 4, "contiguous"),      # fused by (n, group)
     ((5, 12, 1, 1), 4, "contiguous"),     # by group, planes of one value
     ((5, 12, 4, 3), 4, "channels_last"),  # fused by sample
-    ((3, 12, 4, 3), 4, "channels_last"),  # through the drivers: too few samples
+    ((3, 12, 4, 3), 4, "channels_last"),  # fused by sample: one thread's work
+    ((3, 12, 40, 30), 4, "channels_last"),  # through the drivers: too few samples
     ((1, 12, 4, 3), 1, "contiguous"),     # through the drivers: one group
 ])
 def test_group_norm_cpu_paths(dtype, shape, groups, layout):
@@ -102,9 +103,9 @@ def test_group_norm_cpu_paths(dtype, shape, groups, layout):
         xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
         yr = TF.group_norm(xr, groups, wr, br)
         assert_close(y, yr, dtype)
-        g = torch.randn_like(yr)
-        for a, e in zip(torch.autograd.grad(y, (x, w, b), g.to(dtype)),
-                        torch.autograd.grad(yr, (xr, wr, br), g)):
+        g = torch.randn_like(y)  # the reference gets the same (rounded) values
+        for a, e in zip(torch.autograd.grad(y, (x, w, b), g),
+                        torch.autograd.grad(yr, (xr, wr, br), g.double())):
             assert_close(a, e, dtype, grad=True)
     finally:
         torch.set_num_threads(threads)

@@ -64,12 +64,14 @@ bool fused_by_group(const ChannelView& v, int64_t G) {
   return (!v.rows || v.HW == 1) && v.N * G >= at::get_num_threads();
 }
 
-// Channels_last with samples for every thread: each sample's HW rows of C
-// channels are reduced, then normalised (or differentiated) while in cache,
-// with constants of its own: none of the drivers' [N, C] temporaries and one
-// parallel region instead of three (short planes: 2-3x faster).
+// Channels_last with samples for every thread, or too little work for more
+// than one: each sample's HW rows of C channels are reduced, then normalised
+// (or differentiated) while in cache, with constants of its own: none of the
+// drivers' [N, C] temporaries and one parallel region instead of three
+// (short planes: 2-3x faster).
 bool fused_by_sample(const ChannelView& v) {
-  return v.rows && v.HW > 1 && v.N >= 2 * at::get_num_threads();
+  return v.rows && v.HW > 1 &&
+         (v.N >= 2 * at::get_num_threads() || v.N * v.HW * v.C <= grain_for(1));
 }
 
 // Forward by group; fills mean and rstd [N*G].
