@@ -87,8 +87,10 @@ def test_group_norm_large_mean_and_zero_batch():
     ((3, 8, 5, 7), 4, "contiguous"),      # fused by (n, group)
     ((5, 12, 1, 1), 4, "contiguous"),     # by group, planes of one value
     ((5, 12, 4, 3), 4, "channels_last"),  # fused by sample
-    ((3, 12, 4, 3), 4, "channels_last"),  # fused by sample: one thread's work
-    ((3, 12, 40, 30), 4, "channels_last"),  # through the drivers: too few samples
+    ((1, 12, 4, 3), 4, "channels_last"),  # fused by sample: one thread's work
+    ((2, 48, 40, 30), 4, "channels_last"),  # fused by sample: a small sample per thread
+    ((1, 48, 40, 30), 4, "channels_last"),  # through the drivers: one sample
+    ((3, 12, 100, 90), 4, "channels_last"),  # through the drivers: too few samples
     ((1, 12, 4, 3), 1, "contiguous"),     # through the drivers: one group
 ])
 def test_group_norm_cpu_paths(dtype, shape, groups, layout):

@@ -64,14 +64,18 @@ bool fused_by_group(const ChannelView& v, int64_t G) {
   return (!v.rows || v.HW == 1) && v.N * G >= at::get_num_threads();
 }
 
-// Channels_last with samples for every thread, or too little work for more
-// than one: each sample's HW rows of C channels are reduced, then normalised
-// (or differentiated) while in cache, with constants of its own: none of the
-// drivers' [N, C] temporaries and one parallel region instead of three
-// (short planes: 2-3x faster).
+// Channels_last where every thread has samples (two, or one of a small
+// tensor), or there is too little work for more than one thread: each
+// sample's HW rows of C channels are reduced, then normalised (or
+// differentiated) while in cache, with constants of its own: none of the
+// drivers' [N, C] temporaries, one parallel region instead of three (short
+// planes: 2-3x faster). One large sample is split across threads by the
+// drivers instead (1×256×32×32 forward: 40 µs, by sample 54 µs).
 bool fused_by_sample(const ChannelView& v) {
+  const int64_t threads = at::get_num_threads(), values = v.N * v.HW * v.C;
   return v.rows && v.HW > 1 &&
-         (v.N >= 2 * at::get_num_threads() || v.N * v.HW * v.C <= grain_for(1));
+         (v.N >= 2 * threads || (v.N >= threads && values <= 8 * grain_for(1)) ||
+          values <= grain_for(1));
 }
 
 // Forward by group; fills mean and rstd [N*G].
