@@ -72,10 +72,12 @@ def test_group_norm_module_and_errors():
 
 
 def test_group_norm_large_mean_and_zero_batch():
-    for layout in ("contiguous", "channels_last"):
-        x = make_input((2, 8, 16, 16), torch.float32, layout=layout, offset=1e4)
-        ref = TF.group_norm(x.double(), 2)
-        torch.testing.assert_close(NF.group_norm(x, 2).double(), ref, rtol=0, atol=2e-3)
+    # Long groups, and groups of 12 values (one short run: span_moments' fast path).
+    for shape, groups in (((2, 8, 16, 16), 2), ((4, 8, 2, 3), 4)):
+        for layout in ("contiguous", "channels_last"):
+            x = make_input(shape, torch.float32, layout=layout, offset=1e4)
+            ref = TF.group_norm(x.double(), groups)
+            torch.testing.assert_close(NF.group_norm(x, groups).double(), ref, rtol=0, atol=2e-3)
     x = torch.randn(0, 4, 3, 3, requires_grad=True)
     y = NF.group_norm(x, 2)
     assert y.shape == x.shape
