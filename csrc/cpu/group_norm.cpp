@@ -59,7 +59,7 @@ void group_grad_coefficients(const double* sum_dy, const double* sum_dy_xmu, con
 // each (n, group) is one contiguous span of C/G planes, normalised (or
 // differentiated) right after its reduction while it is still in cache: one
 // read of x (and dy) from memory. Planes of one value are walked as one row
-// of C/G channels (a kernel call per value cost 4x ATen's time).
+// of C/G channels by the plane kernels (a call per value cost 4x ATen's time).
 bool fused_by_group(const ChannelView& v, int64_t G) {
   return (!v.rows || v.HW == 1) && v.N * G >= at::get_num_threads();
 }
@@ -89,7 +89,6 @@ void forward_by_group(const ChannelView& v, int64_t G, const Tensor& out, const 
   T* y = ptr<T>(out);
   const bool stream = stream_output(out);
   const bool buffered = v.HW > 1 && streams_through_buffer<T>(stream, D * v.HW, 1);
-  const auto group_affine = v.HW == 1 ? k.row_affine[0] : k.plane_affine[0];
   at::parallel_for(0, v.N * G, grain_for(v.C / G * v.HW), [&](int64_t g0, int64_t g1) {
     const StreamFence fence{stream};
     std::vector<A> consts(buffered ? 0 : 3 * D);  // the group's planes' mean, scale, bias
@@ -107,8 +106,8 @@ void forward_by_group(const ChannelView& v, int64_t G, const Tensor& out, const 
           consts[D + d] = A(r * w[c0 + d]);
           consts[2 * D + d] = A(b[c0 + d]);
         }
-        group_affine(x + base, y + base, v.HW, D, consts.data(), consts.data() + D,
-                     consts.data() + 2 * D);
+        k.plane_affine[0](x + base, y + base, v.HW, D, consts.data(), consts.data() + D,
+                          consts.data() + 2 * D);
       } else {
         write_output(k, stream, y + base, D * v.HW, 0, 1, 1, [&](T* dst, int64_t o, int64_t n) {
           for_each_segment(o, o + n, v.HW, [&](int64_t i, int64_t end, int64_t d) {
@@ -205,7 +204,6 @@ std::pair<Tensor, Tensor> backward_by_group(const ChannelView& v, int64_t G, con
   T* d = ptr<T>(dx);
   const bool stream = stream_output(dx);
   const bool buffered = v.HW > 1 && streams_through_buffer<T>(stream, D * v.HW, 1);
-  const auto group_grad_input = v.HW == 1 ? k.row_grad_input[0] : k.plane_grad_input[0];
   at::parallel_for(0, v.N * G, grain_for(v.C / G * v.HW), [&](int64_t g0, int64_t g1) {
     const StreamFence fence{stream};
     // The group's planes' a, b, mean and c, for plane_grad_input; first
@@ -227,7 +225,7 @@ std::pair<Tensor, Tensor> backward_by_group(const ChannelView& v, int64_t G, con
       if (!buffered) {  // one call for the group's planes, as in the forward
         std::fill_n(ms, D, m);
         // No activation: the mask's scale and bias arguments are not read.
-        group_grad_input(g + base, x + base, d + base, v.HW, D, a, b, ms, c, a, a);
+        k.plane_grad_input[0](g + base, x + base, d + base, v.HW, D, a, b, ms, c, a, a);
       } else {
         write_output(k, stream, d + base, D * v.HW, 0, 1, 1, [&](T* dst, int64_t o, int64_t n) {
           for_each_segment(o, o + n, v.HW, [&](int64_t i, int64_t end, int64_t j) {

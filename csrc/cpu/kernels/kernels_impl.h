@@ -897,15 +897,6 @@ void span_affine(const T* x, T* y, int64_t len, int64_t stride, int64_t count, a
   }
 }
 
-// Contiguous planes of len values, plane j with constants [j]: one call
-// for many short planes (a call per 7x7 plane cost as much as its values).
-template <typename T, Act act>
-void plane_affine(const T* x, T* y, int64_t len, int64_t planes, const acc_t<T>* mean,
-                  const acc_t<T>* scale, const acc_t<T>* bias) {
-  for (int64_t j = 0; j < planes; ++j)
-    span_affine<T, act>(x + j * len, y + j * len, len, 0, 1, mean[j], scale[j], bias[j]);
-}
-
 template <typename T, Act act>
 void row_affine(const T* __restrict x, T* __restrict y, int64_t rows, int64_t C,
                 const acc_t<T>* __restrict mean, const acc_t<T>* __restrict scale,
@@ -919,6 +910,17 @@ void row_affine(const T* __restrict x, T* __restrict y, int64_t rows, int64_t C,
       put(lanes, yr + c, activated<act>(lanes, z));
     });
   }
+}
+
+// Contiguous planes of len values, plane j with constants [j]: one call
+// for many short planes (a call per 7x7 plane cost as much as its values).
+// Planes of one value are one row of `planes` channels.
+template <typename T, Act act>
+void plane_affine(const T* x, T* y, int64_t len, int64_t planes, const acc_t<T>* mean,
+                  const acc_t<T>* scale, const acc_t<T>* bias) {
+  if (len == 1) return row_affine<T, act>(x, y, 1, planes, mean, scale, bias);
+  for (int64_t j = 0; j < planes; ++j)
+    span_affine<T, act>(x + j * len, y + j * len, len, 0, 1, mean[j], scale[j], bias[j]);
 }
 
 // Adds the sums of g and g * (x - m) over n contiguous values (T, or T's
@@ -1141,17 +1143,6 @@ void span_grad_input(const T* dy, const T* x, T* dx, int64_t len, int64_t stride
   }
 }
 
-// Contiguous planes of len values, plane j with constants [j] (see
-// plane_affine).
-template <typename T, Act act>
-void plane_grad_input(const T* dy, const T* x, T* dx, int64_t len, int64_t planes,
-                      const acc_t<T>* a, const acc_t<T>* b, const acc_t<T>* m, const acc_t<T>* c,
-                      const acc_t<T>* s, const acc_t<T>* h) {
-  for (int64_t j = 0; j < planes; ++j)
-    span_grad_input<T, act>(dy + j * len, x + j * len, dx + j * len, len, 0, 1, a[j], b[j], m[j],
-                            c[j], s[j], h[j]);
-}
-
 template <typename T, Act act>
 void row_grad_input(const T* __restrict dy, const T* __restrict x, T* __restrict dx,
                     int64_t rows, int64_t C, const acc_t<T>* __restrict a,
@@ -1170,6 +1161,18 @@ void row_grad_input(const T* __restrict dy, const T* __restrict x, T* __restrict
           get(lanes, a + j) * g + centred(lanes, get(lanes, b + j), xm) + get(lanes, c + j));
     });
   }
+}
+
+// Contiguous planes of len values, plane j with constants [j] (see
+// plane_affine).
+template <typename T, Act act>
+void plane_grad_input(const T* dy, const T* x, T* dx, int64_t len, int64_t planes,
+                      const acc_t<T>* a, const acc_t<T>* b, const acc_t<T>* m, const acc_t<T>* c,
+                      const acc_t<T>* s, const acc_t<T>* h) {
+  if (len == 1) return row_grad_input<T, act>(dy, x, dx, 1, planes, a, b, m, c, s, h);
+  for (int64_t j = 0; j < planes; ++j)
+    span_grad_input<T, act>(dy + j * len, x + j * len, dx + j * len, len, 0, 1, a[j], b[j], m[j],
+                            c[j], s[j], h[j]);
 }
 
 template <typename T>
