@@ -69,6 +69,32 @@ def test_grad_layouts_and_masks():
     assert dx.numel() == 0
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_backward_tasks(layout, stride):
+    """The backward at 2 threads on images large enough for two tasks, which
+    then split an image (channels_last: the input gradient's rows go with
+    the output rows that read them last), with every mask."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        for shape in [(1, 64, 64, 64), (3, 64, 41, 61)]:
+            x = make_input(shape, torch.float64, "cpu", layout)
+            w = torch.randn(shape[1], 1, 3, 3, dtype=torch.float64)
+            g = torch.randn_like(ops.depthwise_conv3x3(x, w, stride))
+            _, rdx, rdw = reference(x, w, stride, g)
+            dx, dw = ops.depthwise_conv3x3_backward(g, x, w, stride, [True, True])
+            torch.testing.assert_close(dx, rdx)
+            torch.testing.assert_close(dw, rdw)
+            torch.testing.assert_close(
+                ops.depthwise_conv3x3_backward(g, x, w, stride, [True, False])[0], rdx)
+            torch.testing.assert_close(
+                ops.depthwise_conv3x3_backward(g, x, w, stride, [False, True])[1], rdw)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_empty_batch():
     x = torch.randn(0, 4, 5, 5)
     w = torch.randn(4, 1, 3, 3)

@@ -228,63 +228,67 @@ std::tuple<Tensor, Tensor> depthwise_conv3x3_backward(
               ": expected grad_output to have the input's dtype ", input.scalar_type(),
               ", but got ", grad_out.scalar_type());
   const Tensor dy = grad_out.contiguous(format_of(l));  // gradients arrive in any layout
-  Tensor grad_input = output_mask[0] ? empty_as(l, l.H, l.W) : at::empty({0}, input.options());
+  const bool need_dx = output_mask[0], need_dw = output_mask[1];
+  Tensor grad_input = need_dx ? empty_as(l, l.H, l.W) : at::empty({0}, input.options());
   // Per-task partial weight gradients, summed in double.
   const int64_t tasks = l.v.rows ? num_chunks(l.v.N * l.Ho, grain_for(l.Wo * l.v.C))
                                : num_chunks(l.v.N * l.v.C, grain_for(l.Ho * l.Wo));
-  std::vector<double> partial(static_cast<size_t>(tasks * l.v.C * 9), 0.0);
+  std::vector<double> partial(need_dw ? static_cast<size_t>(tasks * l.v.C * 9) : 0, 0.0);
   const bool empty = dy.numel() == 0 || input.numel() == 0;
   AT_DISPATCH_FLOATING_TYPES(l.v.x.scalar_type(), kOp, [&] {
     using A = scalar_t;
+    if (empty || !(need_dx || need_dw)) return;
     const auto& k = kernels<A>();
     const A* x = ptr<const A>(l.v.x);
     const A* g = ptr<const A>(dy);
+    A* d = need_dx ? ptr<A>(grad_input) : nullptr;
     const Tensor w = weight_for<A>(weight, l);
     const A* pw = ptr<const A>(w);
-    const int64_t in_image = l.H * l.W * l.v.C, out_image = l.Ho * l.Wo * l.v.C;
-    if (output_mask[0] && !empty) {
-      A* d = ptr<A>(grad_input);
-      if (!l.v.rows) {
-        at::parallel_for(0, l.v.N * l.v.C, grain_for(l.H * l.W), [&](int64_t p0, int64_t p1) {
-          for (int64_t p = p0; p < p1; ++p)
-            k.depthwise_plane_grad_input(g + p * l.Ho * l.Wo, l.H, l.W, stride,
-                                         pw + (p % l.v.C) * 9, d + p * l.H * l.W);
-        });
-      } else {
-        at::parallel_for(0, l.v.N * l.H, grain_for(l.W * l.v.C), [&](int64_t r0, int64_t r1) {
-          for_each_segment(r0, r1, l.H, [&](int64_t r, int64_t end, int64_t n) {
-            k.depthwise_rows_grad_input(g + n * out_image, l.H, l.W, l.v.C, stride, pw,
-                                        r - n * l.H, end - n * l.H, d + n * in_image);
-          });
-        });
-      }
-    }
-    if (!output_mask[1] || empty) return;
-    const auto norm = input_norm<A>(input, norm_mean, norm_var, norm_weight, norm_bias,
-                                    norm_eps, norm_activation);
+    const auto norm = need_dw ? input_norm<A>(input, norm_mean, norm_var, norm_weight, norm_bias,
+                                              norm_eps, norm_activation)
+                              : InputNorm<A>{};
+    // Both gradients in one walk over dy: each piece of dy feeds the weight
+    // gradient and, while still in cache, the input gradient that needs it.
     if (!l.v.rows) {
       for_each_chunk(l.v.N * l.v.C, tasks, [&](int64_t t, int64_t p0, int64_t p1) {
         NormedInput<A> src(l, norm);
-        double* dw = partial.data() + t * l.v.C * 9;
-        for (int64_t p = p0; p < p1; ++p)
-          k.depthwise_plane_grad_weight(g + p * l.Ho * l.Wo, src.plane(x, p), l.H, l.W, stride,
-                                        dw + (p % l.v.C) * 9);
+        for (int64_t p = p0; p < p1; ++p) {
+          const A* gp = g + p * l.Ho * l.Wo;
+          if (need_dx)
+            k.depthwise_plane_grad_input(gp, l.H, l.W, stride, pw + (p % l.v.C) * 9,
+                                         d + p * l.H * l.W);
+          if (need_dw)
+            k.depthwise_plane_grad_weight(gp, src.plane(x, p), l.H, l.W, stride,
+                                          partial.data() + (t * l.v.C + p % l.v.C) * 9);
+        }
       });
       return;
     }
+    const int64_t in_image = l.H * l.W * l.v.C, out_image = l.Ho * l.Wo * l.v.C;
     for_each_chunk(l.v.N * l.Ho, tasks, [&](int64_t t, int64_t r0, int64_t r1) {
       NormedInput<A> src(l, norm);
-      std::vector<A> row(static_cast<size_t>(9 * l.v.C));
-      for (int64_t r = r0; r < r1; ++r) {  // row ho = r % Ho of image r / Ho
-        const A* rows[3];
-        src.taps(x + r / l.Ho * in_image, r % l.Ho, stride, rows);
-        k.depthwise_row_grad_weight(g + r * l.Wo * l.v.C, rows, l.W, l.v.C, stride, row.data(),
-                                    partial.data() + t * l.v.C * 9);
+      std::vector<A> row(need_dw ? static_cast<size_t>(9 * l.v.C) : 0);
+      for (int64_t r = r0; r < r1; ++r) {  // row ho of image n
+        const int64_t n = r / l.Ho, ho = r % l.Ho;
+        if (need_dw) {
+          const A* rows[3];
+          src.taps(x + n * in_image, ho, stride, rows);
+          k.depthwise_row_grad_weight(g + r * l.Wo * l.v.C, rows, l.W, l.v.C, stride,
+                                      row.data(), partial.data() + t * l.v.C * 9);
+        }
+        if (need_dx) {
+          // The input rows whose last output row (floor((hi + 1) / stride))
+          // is ho, and at the last one the rest: all their dy rows are read.
+          const int64_t hi0 = std::max<int64_t>(0, ho * stride - 1);
+          const int64_t hi1 = ho + 1 == l.Ho ? l.H : (ho + 1) * stride - 1;
+          k.depthwise_rows_grad_input(g + n * out_image, l.H, l.W, l.v.C, stride, pw, hi0, hi1,
+                                      d + n * in_image);
+        }
       }
     });
   });
   Tensor grad_weight = at::empty({0}, weight.options());
-  if (output_mask[1]) {
+  if (need_dw) {
     // Sum the tasks; rows' partials are [9][C], planes' [C][9].
     std::vector<double> total(static_cast<size_t>(l.v.C * 9), 0.0);
     for (int64_t t = 0; t < tasks; ++t)
