@@ -200,10 +200,17 @@ Tensor depthwise_conv3x3(const Tensor& input, const Tensor& weight, int64_t stri
     }
     at::parallel_for(0, l.v.N * l.Ho, grain_for(l.Wo * l.v.C), [&](int64_t r0, int64_t r1) {
       NormedInput<A> src(l, norm);
+      const int64_t row_len = l.W * l.v.C;
       for (int64_t r = r0; r < r1; ++r) {  // row ho = r % Ho of image r / Ho
+        const int64_t n = r / l.Ho, ho = r % l.Ho;
+        const A* image = x + n * l.H * row_len;
         const A* rows[3];
-        src.taps(x + r / l.Ho * l.H * l.W * l.v.C, r % l.Ho, stride, rows);
-        k.depthwise_row(rows, l.W, l.v.C, stride, pw, y + r * l.Wo * l.v.C);
+        src.taps(image, ho, stride, rows);
+        // The input rows the next output row adds: [ho * stride + 2, + stride).
+        const int64_t first = ho * stride + 2;
+        const int64_t ahead = std::max<int64_t>(0, std::min(first + stride, l.H) - first);
+        k.depthwise_row(rows, l.W, l.v.C, stride, pw, y + r * l.Wo * l.v.C,
+                        ahead > 0 ? image + first * row_len : nullptr, ahead * row_len);
       }
     });
   });

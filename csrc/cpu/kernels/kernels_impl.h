@@ -1600,6 +1600,24 @@ NORMOPS_INLINE bool channel_order(int64_t C, bool strided_gradient) {
   return wide_channels<A>(C) || (C * int64_t(sizeof(A)) <= 128 && !strided_gradient);
 }
 
+// Prefetches [p, p + bytes) a share at each of `steps` steps of a loop: the
+// next source row is then fetched while this one is computed from cache
+// (issued all at once, the prefetches stall the loop until most have
+// arrived).
+struct SpreadPrefetch {
+  const char* p;
+  int64_t left, per_step;
+  NORMOPS_INLINE SpreadPrefetch(const void* ptr, int64_t bytes, int64_t steps)
+      : p(static_cast<const char*>(ptr)), left(ptr == nullptr ? 0 : bytes) {
+    const int64_t lines = (bytes + 63) / 64, n = steps > 0 ? steps : 1;
+    per_step = (lines + n - 1) / n * 64;
+  }
+  NORMOPS_INLINE void step() {
+    for (int64_t o = 0; o < per_step && left > 0; o += 64, left -= 64, p += 64)
+      __builtin_prefetch(p, 0, 3);
+  }
+};
+
 // One channels_last target row in channel order: out (Wt x C) = act(bias +
 // the taps), bias null for none, from the source rows of taps kh (Ws pixels
 // of C values, null: padding) and weights w (9 rows, ldw apart); a vector of
@@ -1607,10 +1625,13 @@ NORMOPS_INLINE bool channel_order(int64_t C, bool strided_gradient) {
 // registers.
 template <typename A, Act act, bool transposed>
 void channel_order_row(const A* const* rows, int64_t Ws, int64_t Wt, int64_t stride, int64_t C,
-                       const A* w, int64_t ldw, const A* bias, A* out) {
+                       const A* w, int64_t ldw, const A* bias, A* out,
+                       const A* prefetch = nullptr, int64_t prefetch_len = 0) {
   using V = vec_t<A>;
   constexpr int64_t L = kVecLen<A>;
   int64_t cols[kGatherColumns][3];  // source column of each target column and tap kw
+  SpreadPrefetch pf(prefetch, prefetch_len * int64_t(sizeof(A)),
+                    (Wt + kGatherColumns - 1) / kGatherColumns * (C / L + 1));
   for (int64_t t0 = 0; t0 < Wt; t0 += kGatherColumns) {
     const int64_t nt = Wt - t0 < kGatherColumns ? Wt - t0 : kGatherColumns;
     for (int64_t t = 0; t < nt; ++t)
@@ -1618,6 +1639,7 @@ void channel_order_row(const A* const* rows, int64_t Ws, int64_t Wt, int64_t str
     A* const o = out + t0 * C;
     int64_t c = 0;
     for (; c + L <= C; c += L) {
+      pf.step();
       V wv[9];
       for (int k = 0; k < 9; ++k) wv[k] = vload(w + k * ldw + c);
       const V b = bias != nullptr ? vload(bias + c) : V{};
@@ -1651,13 +1673,15 @@ void channel_order_row(const A* const* rows, int64_t Ws, int64_t Wt, int64_t str
 // slower in channel order: 32x96x112x112 8228 -> 11448 / 7917 -> 12690.
 template <typename A, bool transposed>
 void gather_row(const A* const* rows, int64_t Ws, int64_t Wt, int64_t stride, int64_t C,
-                const A* wt, A* out) {
+                const A* wt, A* out, const A* prefetch = nullptr, int64_t prefetch_len = 0) {
   if (channel_order<A>(C, transposed && stride == 2))
     return channel_order_row<A, Act::None, transposed>(rows, Ws, Wt, stride, C, wt, C, nullptr,
-                                                      out);
+                                                      out, prefetch, prefetch_len);
   const A* in[9];
   const A* wk[9];
+  SpreadPrefetch pf(prefetch, prefetch_len * int64_t(sizeof(A)), Wt);
   for (int64_t t = 0; t < Wt; ++t) {
+    pf.step();
     int taps = 0;
     for (int kh = 0; kh < 3; ++kh) {
       if (rows[kh] == nullptr) continue;
@@ -1702,8 +1726,8 @@ void depthwise3x3_row(const A* const* rows, int64_t W, int64_t Wo, int64_t strid
 // Channels_last, one output row y (Wo x C) of an image W pixels wide.
 template <typename A>
 void depthwise_row(const A* const* rows, int64_t W, int64_t C, int64_t stride, const A* wt,
-                   A* y) {
-  gather_row<A, false>(rows, W, (W - 1) / stride + 1, stride, C, wt, y);
+                   A* y, const A* prefetch, int64_t prefetch_len) {
+  gather_row<A, false>(rows, W, (W - 1) / stride + 1, stride, C, wt, y, prefetch, prefetch_len);
 }
 
 // Channels_last image, input rows [hi0, hi1) of dx, each pixel gathering the
