@@ -100,6 +100,22 @@ Tensor empty_as(const Layout& l, int64_t H, int64_t W) {
   return at::empty({l.v.N, l.v.C, H, W}, l.v.x.options(), format_of(l));
 }
 
+// The input rows (channels_last) that output row ho + 1 reads and row ho
+// does not, [ho * stride + 2, + stride) of `image`: what the row kernels
+// prefetch while they compute row ho (none past the image's last row).
+template <typename A>
+struct NextRows {
+  const A* first;
+  int64_t len;
+};
+
+template <typename A>
+NextRows<A> next_input_rows(const Layout& l, int64_t stride, const A* image, int64_t ho) {
+  const int64_t first = ho * stride + 2, row_len = l.W * l.v.C;
+  const int64_t rows = std::max<int64_t>(0, std::min(first + stride, l.H) - first);
+  return {rows > 0 ? image + first * row_len : nullptr, rows * row_len};
+}
+
 // Weights as the kernels read them: [C][9] for planes, [9][C] for rows,
 // transposed in a plain loop: ATen's transposing copy took 15 us for 960
 // channels, a tenth of the convolution of a 7x7 image.
@@ -200,17 +216,13 @@ Tensor depthwise_conv3x3(const Tensor& input, const Tensor& weight, int64_t stri
     }
     at::parallel_for(0, l.v.N * l.Ho, grain_for(l.Wo * l.v.C), [&](int64_t r0, int64_t r1) {
       NormedInput<A> src(l, norm);
-      const int64_t row_len = l.W * l.v.C;
       for (int64_t r = r0; r < r1; ++r) {  // row ho = r % Ho of image r / Ho
         const int64_t n = r / l.Ho, ho = r % l.Ho;
-        const A* image = x + n * l.H * row_len;
+        const A* image = x + n * l.H * l.W * l.v.C;
         const A* rows[3];
         src.taps(image, ho, stride, rows);
-        // The input rows the next output row adds: [ho * stride + 2, + stride).
-        const int64_t first = ho * stride + 2;
-        const int64_t ahead = std::max<int64_t>(0, std::min(first + stride, l.H) - first);
-        k.depthwise_row(rows, l.W, l.v.C, stride, pw, y + r * l.Wo * l.v.C,
-                        ahead > 0 ? image + first * row_len : nullptr, ahead * row_len);
+        const auto next = next_input_rows(l, stride, image, ho);
+        k.depthwise_row(rows, l.W, l.v.C, stride, pw, y + r * l.Wo * l.v.C, next.first, next.len);
       }
     });
   });
@@ -280,16 +292,21 @@ std::tuple<Tensor, Tensor> depthwise_conv3x3_backward(
         if (need_dw) {
           const A* rows[3];
           src.taps(x + n * in_image, ho, stride, rows);
+          const auto next = next_input_rows(l, stride, x + n * in_image, ho);
           k.depthwise_row_grad_weight(g + r * l.Wo * l.v.C, rows, l.W, l.v.C, stride,
-                                      row.data(), partial.data() + t * l.v.C * 9);
+                                      row.data(), partial.data() + t * l.v.C * 9, next.first,
+                                      next.len);
         }
         if (need_dx) {
           // The input rows whose last output row (floor((hi + 1) / stride))
           // is ho, and at the last one the rest: all their dy rows are read.
+          // Meanwhile the next output row's dy is fetched.
           const int64_t hi0 = std::max<int64_t>(0, ho * stride - 1);
           const int64_t hi1 = ho + 1 == l.Ho ? l.H : (ho + 1) * stride - 1;
           k.depthwise_rows_grad_input(g + n * out_image, l.H, l.W, l.v.C, stride, pw, hi0, hi1,
-                                      d + n * in_image);
+                                      d + n * in_image,
+                                      r + 1 < r1 ? g + (r + 1) * l.Wo * l.v.C : nullptr,
+                                      l.Wo * l.v.C);
         }
       }
     });

@@ -150,16 +150,17 @@ struct Kernels {
   // one output row y (Wo x C) from the input rows of taps kh (rows[kh], W x
   // C; null where the row is padding, see tap_row); the input gradient's
   // rows [hi0, hi1) of one image; the weight gradient of one output row dy
-  // (Wo x C) added to dw[9 x C] (row: 9 x C scratch). depthwise_row
-  // prefetches `prefetch_len` values from `prefetch` (null: none) as it goes:
-  // the input the next output row reads first.
+  // (Wo x C) added to dw[9 x C] (row: 9 x C scratch). Each prefetches
+  // `prefetch_len` values from `prefetch` (null: none) as it goes: what the
+  // caller reads next, fetched while this is computed from cache.
   void (*depthwise_row)(const A* const* rows, int64_t W, int64_t C, int64_t stride,
                         const A* wt, A* y, const A* prefetch, int64_t prefetch_len);
   void (*depthwise_rows_grad_input)(const A* dy, int64_t H, int64_t W, int64_t C,
                                     int64_t stride, const A* wt, int64_t hi0, int64_t hi1,
-                                    A* dx);
+                                    A* dx, const A* prefetch, int64_t prefetch_len);
   void (*depthwise_row_grad_weight)(const A* dy, const A* const* rows, int64_t W, int64_t C,
-                                    int64_t stride, A* row, double* dw);
+                                    int64_t stride, A* row, double* dw, const A* prefetch,
+                                    int64_t prefetch_len);
 
   // dst[0, n) = src[0, n) with non-temporal stores for the whole aligned
   // vectors (plain ones at the unaligned ends): an output streamed out of a

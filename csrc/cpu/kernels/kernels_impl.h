@@ -1734,7 +1734,8 @@ void depthwise_row(const A* const* rows, int64_t W, int64_t C, int64_t stride, c
 // output pixels that read it.
 template <typename A>
 void depthwise_rows_grad_input(const A* dy, int64_t H, int64_t W, int64_t C, int64_t stride,
-                               const A* wt, int64_t hi0, int64_t hi1, A* dx) {
+                               const A* wt, int64_t hi0, int64_t hi1, A* dx, const A* prefetch,
+                               int64_t prefetch_len) {
   const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
   for (int64_t hi = hi0; hi < hi1; ++hi) {
     const A* rows[3];  // the output row of each tap kh, null for none
@@ -1742,7 +1743,8 @@ void depthwise_rows_grad_input(const A* dy, int64_t H, int64_t W, int64_t C, int
       const int64_t ho = tap_output_row(hi, kh, Ho, stride);
       rows[kh] = ho < 0 ? nullptr : dy + ho * Wo * C;
     }
-    gather_row<A, true>(rows, Wo, W, stride, C, wt, dx + hi * W * C);
+    gather_row<A, true>(rows, Wo, W, stride, C, wt, dx + hi * W * C,
+                        hi == hi0 ? prefetch : nullptr, prefetch_len);
   }
 }
 
@@ -1758,7 +1760,8 @@ constexpr int64_t kTileColumns = 8;
 
 template <typename A>
 void depthwise_row_grad_weight(const A* g, const A* const* rows, int64_t W, int64_t C,
-                               int64_t stride, A* row, double* dw) {
+                               int64_t stride, A* row, double* dw, const A* prefetch,
+                               int64_t prefetch_len) {
   using V = vec_t<A>;
   constexpr int64_t L = kVecLen<A>;
   const int64_t Wo = (W - 1) / stride + 1;
@@ -1776,12 +1779,15 @@ void depthwise_row_grad_weight(const A* g, const A* const* rows, int64_t W, int6
       }
     }
   };
+  SpreadPrefetch pf(prefetch, prefetch_len * int64_t(sizeof(A)),
+                    (Wo + kTileColumns - 1) / kTileColumns * (C / L + 1));
   NORMOPS_SIMD
   for (int64_t i = 0; i < 9 * C; ++i) row[i] = 0;
   for (int64_t wo0 = 0; wo0 < Wo; wo0 += kTileColumns) {
     const int64_t wo1 = wo0 + kTileColumns < Wo ? wo0 + kTileColumns : Wo;
     int64_t c = 0;
     for (; c + L <= C; c += L) {
+      pf.step();
       V acc[9];
       for (int t = 0; t < 9; ++t) acc[t] = vload(row + t * C + c);
       columns(acc, wo0, wo1, c);
