@@ -486,17 +486,6 @@ NORMOPS_INLINE void widen_runs(const T* x, int64_t len, int64_t stride, int64_t 
   }
 }
 
-// Spans: `count` runs of `len` contiguous elements, run j at x + j * stride
-// (an NCHW channel across the batch, a group, or one plane). Long runs are
-// cut into blocks, short ones gathered into blocks, so every block is
-// reduced in cache and the blocks are Chan-merged. `next` (or nullptr) is the
-// span the caller reduces next, of the same shape: its first block is
-// prefetched while the last block here is reduced from cache, as each block
-// prefetches the one that follows it.
-//
-// The blocks are merged in double: a float32 merge of hundreds of blocks (a
-// 2^20-wide layer-norm row) drifted the mean by several ulps at a large
-// offset, where one merge per 16 KB costs nothing.
 // One run shorter than the sum chains' vectors: block_moments' two shifted
 // passes with one vector accumulator each (a group norm of 2x2 planes spent
 // 45 ns a group in span_moments' blocking and merging).
@@ -533,11 +522,24 @@ NORMOPS_INLINE void short_run_moments(const T* x, int64_t len, acc_t<T>* mean, a
   *m2 = corrected < A(0) ? A(0) : corrected;
 }
 
+// Spans: `count` runs of `len` contiguous elements, run j at x + j * stride
+// (an NCHW channel across the batch, a group, or one plane). Long runs are
+// cut into blocks, short ones gathered into blocks, so every block is
+// reduced in cache and the blocks are Chan-merged. `next` (or nullptr) is the
+// span the caller reduces next, of the same shape: its first block is
+// prefetched while the last block here is reduced from cache, as each block
+// prefetches the one that follows it. One short run goes to
+// short_run_moments.
+//
+// The blocks are merged in double: a float32 merge of hundreds of blocks (a
+// 2^20-wide layer-norm row) drifted the mean by several ulps at a large
+// offset, where one merge per 16 KB costs nothing.
 template <typename T>
 void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, const T* next,
                   acc_t<T>* mean, acc_t<T>* m2) {
   using A = acc_t<T>;
-  if (count == 1 && len > 0 && len < kSumChains * kVecLen<A>) return short_run_moments(x, len, mean, m2);
+  if (count == 1 && len > 0 && len < kSumChains * kVecLen<A>)
+    return short_run_moments(x, len, mean, m2);
   double n = 0, mu = 0, q = 0;
   A bm, bq;
   if (len >= kMomentBlockElems) {
