@@ -42,9 +42,11 @@ inline void check_affine(const Tensor& input, const OptTensor& weight, const Opt
 
 // Per-channel constants of the normalisation with statistics (mean, var):
 // y = (x - mean) * scale + bias with scale = invstd * weight. Double
-// precision, and the accumulation dtype (acc_*) for the kernels.
+// precision, and the accumulation dtype (acc_*) for the kernels. acc_shift,
+// where a backend defines it, is bias - mean * scale for the folded form
+// y = x * scale + shift, one array fewer to read (see B::affine).
 struct Folded {
-  Tensor mean, invstd, weight, acc_mean, acc_scale, acc_bias;
+  Tensor mean, invstd, weight, acc_mean, acc_scale, acc_bias, acc_shift;
 };
 
 // The coefficients of dx = a * g + b * (x - mean) + c in the accumulation
@@ -92,7 +94,13 @@ struct BatchNormOps {
     Tensor out = like(v);
     const auto acc = acc_dtype(v.x.scalar_type());
     Folded f = B::fold(mean, var, weight, bias, eps, acc);
-    B::affine(v, out, f.acc_mean, f.acc_scale, f.acc_bias, /*per_sample=*/false, act);
+    // With an activation the backward recomputes the pre-activation centred
+    // to mask dy; the forward then stays centred too, so the mask matches
+    // its output bit for bit.
+    if (act == 0 && f.acc_shift.defined())
+      B::affine(v, out, Tensor(), f.acc_scale, f.acc_shift, /*per_sample=*/false, act);
+    else
+      B::affine(v, out, f.acc_mean, f.acc_scale, f.acc_bias, /*per_sample=*/false, act);
     return out;
   }
 

@@ -113,3 +113,18 @@ def test_group_norm_cpu_paths(dtype, shape, groups, layout):
             assert_close(a, e, dtype, grad=True)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("offset,atol", [(300.0, 2e-6), (-5.0, 2e-6), (5.0, 2e-6)])
+def test_group_norm_affine_step_centred_far_from_zero(offset, atol):
+    """Channels_last by sample: the affine step reads x * scale + shift only
+    for groups within a few standard deviations of zero; at 300 the folded
+    shift would round at 300's scale (about 2e-5). The values are offset +
+    k / 1024 with every channel's k summing to zero, so the statistics are
+    exact and the affine step's rounding is all that is left."""
+    N, C, H, W, G = 4, 8, 3, 6, 2
+    k = torch.randint(-2048, 2048, (N, C, H, W // 2), dtype=torch.float64) / 1024
+    x = (torch.cat([k, -k], dim=3) + offset).float().contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(C) + 0.5, torch.rand(C) - 0.5
+    ref = TF.group_norm(x.double(), G, w.double(), b.double())
+    torch.testing.assert_close(NF.group_norm(x, G, w, b).double(), ref, rtol=0, atol=atol)

@@ -15,22 +15,29 @@ batch_norm::Folded fold_batch_norm(const Tensor& mean, const Tensor& var, const 
                                    const OptTensor& bias, double eps, at::ScalarType acc) {
   const int64_t C = mean.size(0);
   Tensor dbl = at::empty({3, C}, mean.options().dtype(at::kDouble));  // mean, invstd, weight
-  Tensor consts = at::empty({3, C}, mean.options().dtype(acc));     // mean, scale, bias
+  Tensor consts = at::empty({4, C}, mean.options().dtype(acc));  // mean, scale, bias, shift
   double* d = ptr<double>(dbl);
   const std::vector<double> b = param_as_double(bias, C, 0.0);
   read_as_double(mean, d);
   read_as_double(var, d + C);
   if (present(weight)) read_as_double(*weight, d + 2 * C); else std::fill(d + 2 * C, d + 3 * C, 1.0);
-  for (int64_t c = 0; c < C; ++c) d[C + c] = 1.0 / std::sqrt(d[C + c] + eps);
+  bool foldable = true;
+  for (int64_t c = 0; c < C; ++c) {
+    d[C + c] = 1.0 / std::sqrt(d[C + c] + eps);
+    foldable = foldable && folds_exactly(d[c], d[C + c], d[C + c] * d[2 * C + c], b[c]);
+  }
   AT_DISPATCH_FLOATING_TYPES(acc, batch_norm::kOp, [&] {
     scalar_t* k = ptr<scalar_t>(consts);
     for (int64_t c = 0; c < C; ++c) {
+      const double scale = d[C + c] * d[2 * C + c];
       k[c] = static_cast<scalar_t>(d[c]);
-      k[C + c] = static_cast<scalar_t>(d[C + c] * d[2 * C + c]);
+      k[C + c] = static_cast<scalar_t>(scale);
       k[2 * C + c] = static_cast<scalar_t>(b[c]);
+      k[3 * C + c] = static_cast<scalar_t>(b[c] - d[c] * scale);
     }
   });
-  return batch_norm::Folded{dbl[0], dbl[1], dbl[2], consts[0], consts[1], consts[2]};
+  return batch_norm::Folded{dbl[0],    dbl[1],    dbl[2],   consts[0],
+                            consts[1], consts[2], foldable ? consts[3] : Tensor()};
 }
 
 namespace {

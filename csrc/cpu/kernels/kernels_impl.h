@@ -903,6 +903,17 @@ template <typename T, Act act>
 void row_affine(const T* __restrict x, T* __restrict y, int64_t rows, int64_t C,
                 const acc_t<T>* __restrict mean, const acc_t<T>* __restrict scale,
                 const acc_t<T>* __restrict bias) {
+  if (mean == nullptr) {  // folded
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* __restrict xr = x + r * C;
+      T* __restrict yr = y + r * C;
+      elementwise<T>(C, [&](int64_t c, auto lanes) {
+        const auto z = get(lanes, xr + c) * get(lanes, scale + c) + get(lanes, bias + c);
+        put(lanes, yr + c, activated<act>(lanes, z));
+      });
+    }
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict xr = x + r * C;
     T* __restrict yr = y + r * C;
@@ -922,7 +933,8 @@ void plane_affine(const T* x, T* y, int64_t len, int64_t planes, const acc_t<T>*
                   const acc_t<T>* scale, const acc_t<T>* bias) {
   if (len == 1) return row_affine<T, act>(x, y, 1, planes, mean, scale, bias);
   for (int64_t j = 0; j < planes; ++j)
-    span_affine<T, act>(x + j * len, y + j * len, len, 0, 1, mean[j], scale[j], bias[j]);
+    span_affine<T, act>(x + j * len, y + j * len, len, 0, 1, mean ? mean[j] : acc_t<T>(0),
+                        scale[j], bias[j]);
 }
 
 // Adds the sums of g and g * (x - m) over n contiguous values (T, or T's
