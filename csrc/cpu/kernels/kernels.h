@@ -63,7 +63,7 @@ struct Kernels {
                        A* mean, A* m2);
   // Moments of each column of a rows x C block (mean[c], m2[c]): one pass
   // over blocks of block_rows rows, each shifted by its first row, Chan-merged.
-  // scratch: 3*C.
+  // scratch: 4*C.
   void (*column_moments)(const T* x, int64_t rows, int64_t C, int64_t block_rows, A* mean,
                          A* m2, A* scratch);
   // Chan-merge column moments of a block of count_b rows into accumulators

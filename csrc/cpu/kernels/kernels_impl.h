@@ -781,7 +781,10 @@ NORMOPS_INLINE void period_moment_sums(const T* x, int64_t elems, const acc_t<T>
 
 // Moments of the C columns of a rows x C block, one read of the data: each
 // block of block_rows rows is summed shifted by its own first row, then
-// Chan-merged. Shifting by a member of the block bounds the cancellation of
+// Chan-merged, the means taken relative to the first block's shift until
+// the end: merged at 1e4's scale, where float32 rounds to 1e-3, a thousand
+// blocks' means drifted by several units in the last place and their
+// deltas made the variance of 1e4 + N(0, 1) 5e-5 wrong. Shifting by a member of the block bounds the cancellation of
 // sum(d^2) - sum(d)^2 / n: that member lies at most sqrt(n - 1) standard
 // deviations from the block mean (Samuelson), so the lost digits are at most
 // log10(n) for n <= 128 rows, whatever the mean. The correction is formed as
@@ -796,7 +799,8 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
   A* __restrict s = scratch;
   A* __restrict q = scratch + C;
   A* __restrict sh = scratch + 2 * C;
-  A* __restrict om = mean;
+  A* __restrict ref = scratch + 3 * C;
+  A* __restrict om = mean;  // until the end, the mean less ref
   A* __restrict oq = m2;
   const int nv = period_vecs<A>(C);
   const int64_t lanes = nv * L;
@@ -854,7 +858,8 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
     if (count == 0) {
       NORMOPS_SIMD
       for (int64_t c = 0; c < C; ++c) {
-        om[c] = sh[c] + s[c] * inv;
+        ref[c] = sh[c];
+        om[c] = s[c] * inv;
         const A block_m2 = q[c] - s[c] * inv * s[c];
         oq[c] = block_m2 < A(0) ? A(0) : block_m2;
       }
@@ -862,13 +867,17 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
       const A wb = A(n) / (count + A(n)), w = count * wb;
       NORMOPS_SIMD
       for (int64_t c = 0; c < C; ++c) {
-        const A block_mean = sh[c] + s[c] * inv, delta = block_mean - om[c];
+        const A block_mean = (sh[c] - ref[c]) + s[c] * inv, delta = block_mean - om[c];
         om[c] = merged_mean(om[c], block_mean, delta, wb);
         const A block_m2 = q[c] - s[c] * inv * s[c];
         oq[c] += (block_m2 < A(0) ? A(0) : block_m2) + delta * delta * w;
       }
     }
     count += A(n);
+  }
+  if (rows > 0) {
+    NORMOPS_SIMD
+    for (int64_t c = 0; c < C; ++c) om[c] += ref[c];
   }
 }
 
