@@ -253,6 +253,20 @@ def test_large_mean_variance():
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-3)
 
 
+@pytest.mark.parametrize("shape", [(32, 64, 28, 28), (4, 64, 112, 112), (64, 64, 16, 16)])
+def test_nchw_training_variance_of_many_blocks_at_a_large_mean(shape):
+    """The fused NCHW training forward merges each channel's 16 KB blocks in
+    double, each block's mean as its rounded centre plus the residual: merged
+    from the rounded means alone, the variance of 1e4 + N(0, 1) was 1e-5
+    wrong (32x64x28x28)."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, dtype=torch.float64, generator=g) + 1e4).float()
+    _, mean, var = torch.ops.normops.batch_norm(x, None, None, None, None, True, 1e-5, 0)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(var.double(), ref_var, rtol=2e-6, atol=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=0, atol=1e-3)  # an ulp
+
+
 @pytest.mark.parametrize("shape", [(8, 3, 112, 112), (2, 16, 128, 128), (64, 8, 16, 16)])
 def test_channels_last_variance_of_many_blocks_at_a_large_mean(shape):
     """Hundreds of 128-row blocks of 1e4 + N(0, 1): their means are merged

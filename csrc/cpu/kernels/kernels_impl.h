@@ -417,11 +417,15 @@ NORMOPS_INLINE void prefetch_run(const T* run, int64_t len) {
 // which reads the block from cache, also prefetches the block to follow
 // (next_runs runs of next_len values from `next`, same stride; none when
 // next_runs is 0): memory would otherwise sit idle until that block's first
-// pass.
+// pass. The mean comes in two parts, mean (the centre of the second pass,
+// rounded at the data's scale) and residual (the mean less it), which a
+// caller merging blocks adds in double: at 1e4, where float32 rounds to
+// 1e-3, merging the rounded means alone made the variance of 1e4 + N(0, 1)
+// 1e-5 wrong.
 template <typename T>
 NORMOPS_INLINE void block_moments(const T* x, int64_t len, int64_t stride, int64_t runs,
                                   const T* next, int64_t next_len, int64_t next_runs,
-                                  acc_t<T>& mean, acc_t<T>& m2) {
+                                  acc_t<T>& mean, acc_t<T>& residual, acc_t<T>& m2) {
   using A = acc_t<T>;
   using V = vec_t<A>;
   const A first = load(x[0]);
@@ -462,6 +466,7 @@ NORMOPS_INLINE void block_moments(const T* x, int64_t len, int64_t stride, int64
   centred.total(qd);
   const A q = qd[0], dsum = qd[1];
   mean = bm;
+  residual = is_finite(dsum) ? dsum / n : A(0);  // an Inf or NaN mean stays what bm says
   // The correction can round below zero for constant data; NaN (an Inf or
   // NaN input) stays NaN. (dsum / n) * dsum: dsum^2 alone overflows first.
   const A corrected = q - dsum / n * dsum;
@@ -541,7 +546,7 @@ void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, const 
   if (count == 1 && len > 0 && len < kSumChains * kVecLen<A>)
     return short_run_moments(x, len, mean, m2);
   double n = 0, mu = 0, q = 0;
-  A bm, bq;
+  A bm, br, bq;
   if (len >= kMomentBlockElems) {
     for (int64_t j = 0; j < count; ++j) {
       for (int64_t b0 = 0; b0 < len; b0 += kMomentBlockElems) {
@@ -554,8 +559,8 @@ void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, const 
                                         : next;
         const int64_t following_len = same_run ? len - b0 - l : len;
         block_moments(x + j * stride + b0, l, stride, 1, following ? following : x, following_len,
-                      following ? 1 : 0, bm, bq);
-        chan_merge(n, mu, q, double(l), double(bm), double(bq));
+                      following ? 1 : 0, bm, br, bq);
+        chan_merge(n, mu, q, double(l), double(bm) + double(br), double(bq));
       }
     }
   } else if (len > 0) {
@@ -578,12 +583,12 @@ void span_moments(const T* x, int64_t len, int64_t stride, int64_t count, const 
         // The next block fetched while this one is reduced from L1, as
         // block_moments does (7x7 channels: forward 1.2x faster).
         for (int64_t r = 0; r < next_runs; ++r) prefetch_run(following + r * stride, len);
-        block_moments<A>(wide, len * runs, 0, 1, wide, 0, 0, bm, bq);
+        block_moments<A>(wide, len * runs, 0, 1, wide, 0, 0, bm, br, bq);
       } else {
         block_moments(x + j0 * stride, len, stride, runs, following ? following : x, len,
-                      next_runs, bm, bq);
+                      next_runs, bm, br, bq);
       }
-      chan_merge(n, mu, q, double(len * runs), double(bm), double(bq));
+      chan_merge(n, mu, q, double(len * runs), double(bm) + double(br), double(bq));
     }
   }
   *mean = A(mu);
