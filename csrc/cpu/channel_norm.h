@@ -111,31 +111,32 @@ std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample)
   if (splits == 1) {  // a task per sample, straight into its moments
     for_each_row_task<A>(samples, rows_per_sample, 1, C, 4 * C,
                          [&](int64_t, int64_t n, int64_t r0, int64_t r1, A* scratch) {
-      k.column_moments(x + r0 * C, r1 - r0, C, R, om + n * C, oq + n * C, scratch);
+      k.column_moments(x + r0 * C, r1 - r0, C, R, om + n * C, nullptr, oq + n * C, scratch);
     });
     return {mean, m2};
   }
-  // Per task: moments [2C].
-  std::vector<A> part(static_cast<size_t>(samples * splits * C * 2));
+  // Per task: moments [3C] (mean, residual, m2).
+  std::vector<A> part(static_cast<size_t>(samples * splits * C * 3));
   std::vector<A> part_count(static_cast<size_t>(samples * splits));
   for_each_row_task<A>(samples, rows_per_sample, splits, C, 4 * C,
                        [&](int64_t t, int64_t, int64_t r0, int64_t r1, A* scratch) {
-    A* tm = part.data() + t * C * 2;
-    k.column_moments(x + r0 * C, r1 - r0, C, R, tm, tm + C, scratch);
+    A* tm = part.data() + t * C * 3;
+    k.column_moments(x + r0 * C, r1 - r0, C, R, tm, tm + C, tm + 2 * C, scratch);
     part_count[t] = A(r1 - r0);
   });
   // Every task holds at least one row: merge each sample's tasks into its first.
   for (int64_t n = 0; n < samples; ++n) {
-    A* base = part.data() + n * splits * C * 2;
+    A* base = part.data() + n * splits * C * 3;
     A count = part_count[n * splits];
     for (int64_t s = 1; s < splits; ++s) {
       const int64_t t = n * splits + s;
-      const A* tm = part.data() + t * C * 2;
-      k.merge_columns(base, base + C, count, tm, tm + C, part_count[t], C);
+      const A* tm = part.data() + t * C * 3;
+      k.merge_columns(base, base + C, base + 2 * C, count, tm, tm + C, tm + 2 * C,
+                      part_count[t], C);
       count += part_count[t];
     }
-    std::copy(base, base + C, om + n * C);
-    std::copy(base + C, base + 2 * C, oq + n * C);
+    for (int64_t c = 0; c < C; ++c) om[n * C + c] = base[c] + base[C + c];
+    std::copy(base + 2 * C, base + 3 * C, oq + n * C);
   }
   return {mean, m2};
 }

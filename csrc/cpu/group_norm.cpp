@@ -173,7 +173,7 @@ void forward_by_sample(const ChannelView& v, int64_t G, const Tensor& out, const
   for_each_sample<A>(v, stream, 6 * C, [&](int64_t n, A* buf) {
     A *mc = buf, *qc = mc + C, *cm = qc + C, *cs = cm + C, *cb = cs + C;
     const T* xn = x + n * HW * C;
-    k.column_moments(xn, HW, C, R, mc, qc, cm);
+    k.column_moments(xn, HW, C, R, mc, nullptr, qc, cm);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t c0 = g * D;
       std::tie(mean[n * G + g], rstd[n * G + g]) = group_statistics(

@@ -63,13 +63,16 @@ struct Kernels {
                        A* mean, A* m2);
   // Moments of each column of a rows x C block (mean[c], m2[c]): one pass
   // over blocks of block_rows rows, each shifted by its first row, Chan-merged.
+  // With a residual array, the mean comes in two parts, mean[c] a value of
+  // the column and residual[c] the rest, for merge_columns; else summed.
   // scratch: 4*C.
   void (*column_moments)(const T* x, int64_t rows, int64_t C, int64_t block_rows, A* mean,
-                         A* m2, A* scratch);
-  // Chan-merge column moments of a block of count_b rows into accumulators
-  // holding count_a rows.
-  void (*merge_columns)(A* mean, A* m2, A count_a, const A* mean_b, const A* m2_b, A count_b,
-                        int64_t C);
+                         A* residual, A* m2, A* scratch);
+  // Chan-merge column moments (in two parts) of a block of count_b rows into
+  // accumulators holding count_a rows; a's mean part stays, its residual
+  // takes the change: merged at the scale of the spread, not of the mean.
+  void (*merge_columns)(const A* mean, A* residual, A* m2, A count_a, const A* mean_b,
+                        const A* residual_b, const A* m2_b, A count_b, int64_t C);
 
   // y = act((x - mean) * scale + bias). Centring first keeps the result
   // accurate for data with a large mean.

@@ -798,7 +798,7 @@ NORMOPS_INLINE void period_moment_sums(const T* x, int64_t elems, const acc_t<T>
 // NaN m2, as torch's, rather than one clamped to 0.
 template <typename T>
 void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc_t<T>* mean,
-                    acc_t<T>* m2, acc_t<T>* scratch) {
+                    acc_t<T>* residual, acc_t<T>* m2, acc_t<T>* scratch) {
   using A = acc_t<T>;
   constexpr int64_t L = kVecLen<A>;
   A* __restrict s = scratch;
@@ -880,14 +880,19 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
     }
     count += A(n);
   }
-  if (rows > 0) {
-    NORMOPS_SIMD
-    for (int64_t c = 0; c < C; ++c) om[c] += ref[c];
+  if (rows == 0) return;
+  if (residual != nullptr) {
+    std::memcpy(residual, om, size_t(C) * sizeof(A));
+    std::memcpy(om, ref, size_t(C) * sizeof(A));
+    return;
   }
+  NORMOPS_SIMD
+  for (int64_t c = 0; c < C; ++c) om[c] += ref[c];
 }
 
 template <typename A>
-void merge_columns(A* __restrict mean, A* __restrict m2, A count_a, const A* __restrict mean_b,
+void merge_columns(const A* __restrict mean, A* __restrict residual, A* __restrict m2, A count_a,
+                   const A* __restrict mean_b, const A* __restrict residual_b,
                    const A* __restrict m2_b, A count_b, int64_t C) {
   const A n = count_a + count_b;
   if (count_b == A(0)) return;
@@ -895,8 +900,11 @@ void merge_columns(A* __restrict mean, A* __restrict m2, A count_a, const A* __r
   const A w = count_a * wb;
   NORMOPS_SIMD
   for (int64_t c = 0; c < C; ++c) {
-    const A delta = mean_b[c] - mean[c];
-    mean[c] = merged_mean(mean[c], mean_b[c], delta, wb);
+    // b's mean relative to a's: the means are values of the column, so
+    // their difference is exact where they are within a factor of two.
+    const A relative_b = (mean_b[c] - mean[c]) + residual_b[c];
+    const A delta = relative_b - residual[c];
+    residual[c] = merged_mean(residual[c], relative_b, delta, wb);
     m2[c] += m2_b[c] + delta * delta * w;
   }
 }
