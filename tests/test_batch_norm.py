@@ -267,6 +267,20 @@ def test_nchw_training_variance_of_many_blocks_at_a_large_mean(shape):
     torch.testing.assert_close(mean.double(), ref_mean, rtol=0, atol=1e-3)  # an ulp
 
 
+@pytest.mark.parametrize("shape", [(32, 64, 28, 28), (256, 16, 4, 4)])
+def test_nchw_stats_variance_of_many_planes_at_a_large_mean(shape):
+    """batch_norm_stats (SyncBatchNorm's) on NCHW reduces planes in parallel
+    and merges their moments per channel, in double: merged in float at 1e4's
+    scale the variance was 3e-5 to 1.4e-4 wrong; what is left (1e-5) is the
+    planes' means rounded to float."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, dtype=torch.float64, generator=g) + 1e4).float()
+    mean, var = torch.ops.normops.batch_norm_stats(x)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(var.double(), ref_var, rtol=2.5e-5, atol=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=0, atol=1e-3)  # an ulp
+
+
 @pytest.mark.parametrize("shape", [(8, 3, 112, 112), (2, 16, 128, 128), (64, 8, 16, 16)])
 def test_channels_last_variance_of_many_blocks_at_a_large_mean(shape):
     """Hundreds of 128-row blocks of 1e4 + N(0, 1): their means are merged
