@@ -112,7 +112,7 @@ std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample)
   A* om = ptr<A>(mean);
   A* oq = ptr<A>(m2);
   if (splits == 1) {  // a task per sample, straight into its moments
-    for_each_row_task<A>(samples, rows_per_sample, 1, C, 4 * C,
+    for_each_row_task<A>(samples, rows_per_sample, 1, C, 3 * C,
                          [&](int64_t, int64_t n, int64_t r0, int64_t r1, A* scratch) {
       k.column_moments(x + r0 * C, r1 - r0, C, R, om + n * C, nullptr, oq + n * C, scratch);
     });
@@ -121,7 +121,7 @@ std::pair<Tensor, Tensor> channel_moments(const ChannelView& v, bool per_sample)
   // Per task: moments [3C] (mean, residual, m2).
   std::vector<A> part(static_cast<size_t>(samples * splits * C * 3));
   std::vector<A> part_count(static_cast<size_t>(samples * splits));
-  for_each_row_task<A>(samples, rows_per_sample, splits, C, 4 * C,
+  for_each_row_task<A>(samples, rows_per_sample, splits, C, 3 * C,
                        [&](int64_t t, int64_t, int64_t r0, int64_t r1, A* scratch) {
     A* tm = part.data() + t * C * 3;
     k.column_moments(x + r0 * C, r1 - r0, C, R, tm, tm + C, tm + 2 * C, scratch);

@@ -168,9 +168,9 @@ void forward_by_sample(const ChannelView& v, int64_t G, const Tensor& out, const
   const T* x = ptr<const T>(v.x);
   T* y = ptr<T>(out);
   const bool stream = stream_output(out);
-  // Per channel: moments (mean, m2) and column_moments' scratch [4C], then
+  // Per channel: moments (mean, m2) and column_moments' scratch [3C], then
   // the affine constants (mean, scale, bias) over the scratch.
-  for_each_sample<A>(v, stream, 6 * C, [&](int64_t n, A* buf) {
+  for_each_sample<A>(v, stream, 5 * C, [&](int64_t n, A* buf) {
     A *mc = buf, *qc = mc + C, *cm = qc + C, *cs = cm + C, *cb = cs + C;
     const T* xn = x + n * HW * C;
     k.column_moments(xn, HW, C, R, mc, nullptr, qc, cm);

@@ -63,9 +63,8 @@ struct Kernels {
                        A* mean, A* m2);
   // Moments of each column of a rows x C block (mean[c], m2[c]): one pass
   // over blocks of block_rows rows, each shifted by its first row, Chan-merged.
-  // With a residual array, the mean comes in two parts, mean[c] a value of
-  // the column and residual[c] the rest, for merge_columns; else summed.
-  // scratch: 4*C.
+  // With a residual array, the mean comes in two parts, mean[c] (rounded)
+  // and residual[c] (the rest), for merge_columns. scratch: 3*C.
   void (*column_moments)(const T* x, int64_t rows, int64_t C, int64_t block_rows, A* mean,
                          A* residual, A* m2, A* scratch);
   // Chan-merge column moments (in two parts) of a block of count_b rows into

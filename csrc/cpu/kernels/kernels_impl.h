@@ -10,6 +10,7 @@
 // the data from memory, and the accuracy of a two-pass.
 
 #include <cstring>
+#include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -786,10 +787,14 @@ NORMOPS_INLINE void period_moment_sums(const T* x, int64_t elems, const acc_t<T>
 
 // Moments of the C columns of a rows x C block, one read of the data: each
 // block of block_rows rows is summed shifted by its own first row, then
-// Chan-merged, the means taken relative to the first block's shift until
-// the end: merged at 1e4's scale, where float32 rounds to 1e-3, a thousand
-// blocks' means drifted by several units in the last place and their
-// deltas made the variance of 1e4 + N(0, 1) 5e-5 wrong. Shifting by a member of the block bounds the cancellation of
+// Chan-merged in double, from each block's mean formed in double (its shift
+// plus the mean of the shifted values): merged in float at 1e4's scale,
+// where float32 rounds to 1e-3, a thousand blocks' means drifted by several
+// units in the last place and their deltas made the variance of
+// 1e4 + N(0, 1) 5e-5 wrong. (Merged in float relative to the first row,
+// an outlier there set the scale instead: a mean 1e-3 standard deviations
+// off after a first value of 1e4.) With a residual array, the mean is
+// returned in two parts, the float nearest it and the rest. Shifting by a member of the block bounds the cancellation of
 // sum(d^2) - sum(d)^2 / n: that member lies at most sqrt(n - 1) standard
 // deviations from the block mean (Samuelson), so the lost digits are at most
 // log10(n) for n <= 128 rows, whatever the mean. The correction is formed as
@@ -804,15 +809,17 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
   A* __restrict s = scratch;
   A* __restrict q = scratch + C;
   A* __restrict sh = scratch + 2 * C;
-  A* __restrict ref = scratch + 3 * C;
-  A* __restrict om = mean;  // until the end, the mean less ref
-  A* __restrict oq = m2;
+  // The merged moments, in double (see above).
+  static thread_local std::vector<double> merged;
+  merged.resize(size_t(2 * C));
+  double* __restrict om = merged.data();
+  double* __restrict oq = om + C;
   const int nv = period_vecs<A>(C);
   const int64_t lanes = nv * L;
   alignas(NORMOPS_VEC_BYTES) A period[3][kMaxPeriodVecs * L];  // shift, s, q per lane
   RowPrefetch<T> prefetch(x);
   const int64_t tile = row_tile<A>(/*s, q, shift*/ 3, C);
-  A count = 0;
+  double count = 0;
   for (int64_t b0 = 0; b0 < rows; b0 += block_rows) {
     const int64_t n = rows - b0 < block_rows ? rows - b0 : block_rows;
     const T* __restrict xb = x + b0 * C;
@@ -860,34 +867,43 @@ void column_moments(const T* x, int64_t rows, int64_t C, int64_t block_rows, acc
       }
     }
     const A inv = A(1) / A(n);
+    const double inv_d = 1.0 / double(n);
     if (count == 0) {
       NORMOPS_SIMD
       for (int64_t c = 0; c < C; ++c) {
-        ref[c] = sh[c];
-        om[c] = s[c] * inv;
+        om[c] = double(sh[c]) + double(s[c]) * inv_d;
         const A block_m2 = q[c] - s[c] * inv * s[c];
-        oq[c] = block_m2 < A(0) ? A(0) : block_m2;
+        oq[c] = block_m2 < A(0) ? 0.0 : double(block_m2);
       }
     } else {
-      const A wb = A(n) / (count + A(n)), w = count * wb;
+      const double wb = double(n) / (count + double(n)), w = count * wb;
       NORMOPS_SIMD
       for (int64_t c = 0; c < C; ++c) {
-        const A block_mean = (sh[c] - ref[c]) + s[c] * inv, delta = block_mean - om[c];
+        const double block_mean = double(sh[c]) + double(s[c]) * inv_d,
+                     delta = block_mean - om[c];
         om[c] = merged_mean(om[c], block_mean, delta, wb);
         const A block_m2 = q[c] - s[c] * inv * s[c];
-        oq[c] += (block_m2 < A(0) ? A(0) : block_m2) + delta * delta * w;
+        oq[c] += (block_m2 < A(0) ? 0.0 : double(block_m2)) + delta * delta * w;
       }
     }
-    count += A(n);
+    count += double(n);
   }
   if (rows == 0) return;
-  if (residual != nullptr) {
-    std::memcpy(residual, om, size_t(C) * sizeof(A));
-    std::memcpy(om, ref, size_t(C) * sizeof(A));
+  NORMOPS_SIMD
+  for (int64_t c = 0; c < C; ++c) m2[c] = A(oq[c]);
+  if (residual == nullptr) {
+    NORMOPS_SIMD
+    for (int64_t c = 0; c < C; ++c) mean[c] = A(om[c]);
     return;
   }
+  // An Inf or NaN mean goes whole into the residual, which merge_columns
+  // merges as torch's sums would (+inf with a finite mean stays +inf).
   NORMOPS_SIMD
-  for (int64_t c = 0; c < C; ++c) om[c] += ref[c];
+  for (int64_t c = 0; c < C; ++c) {
+    const A rounded = is_finite(om[c]) ? A(om[c]) : A(0);
+    mean[c] = rounded;
+    residual[c] = A(om[c] - double(rounded));
+  }
 }
 
 template <typename A>
@@ -900,8 +916,8 @@ void merge_columns(const A* __restrict mean, A* __restrict residual, A* __restri
   const A w = count_a * wb;
   NORMOPS_SIMD
   for (int64_t c = 0; c < C; ++c) {
-    // b's mean relative to a's: the means are values of the column, so
-    // their difference is exact where they are within a factor of two.
+    // b's mean relative to a's: the rounded means are exact floats, whose
+    // difference is exact where they are within a factor of two.
     const A relative_b = (mean_b[c] - mean[c]) + residual_b[c];
     const A delta = relative_b - residual[c];
     residual[c] = merged_mean(residual[c], relative_b, delta, wb);
