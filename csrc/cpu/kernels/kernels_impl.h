@@ -794,10 +794,14 @@ NORMOPS_INLINE void period_moment_sums(const T* x, int64_t elems, const acc_t<T>
 // 1e4 + N(0, 1) 5e-5 wrong. (Merged in float relative to the first row,
 // an outlier there set the scale instead: a mean 1e-3 standard deviations
 // off after a first value of 1e4.) With a residual array, the mean is
-// returned in two parts, the float nearest it and the rest. Shifting by a member of the block bounds the cancellation of
+// returned in two parts, the float nearest it and the rest.
+//
+// Shifting by a member of the block bounds the cancellation of
 // sum(d^2) - sum(d)^2 / n: that member lies at most sqrt(n - 1) standard
-// deviations from the block mean (Samuelson), so the lost digits are at most
-// log10(n) for n <= 128 rows, whatever the mean. The correction is formed as
+// deviations from the block mean (Samuelson), so the cancellation costs at
+// most log10(n) digits for n <= 128 rows, whatever the mean, on top of the
+// float sums' own rounding (up to n ulps): a block whose first row is a
+// far outlier keeps about 1e-4 of its m2 exact. The correction is formed as
 // (sum(d) / n) * sum(d), which stays finite wherever sum(d^2) does (sum(d)^2
 // overflowed float32 at a spread of 1e17), and an Inf or NaN input leaves a
 // NaN m2, as torch's, rather than one clamped to 0.
