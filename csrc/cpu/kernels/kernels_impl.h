@@ -941,30 +941,27 @@ void span_affine(const T* x, T* y, int64_t len, int64_t stride, int64_t count, a
   }
 }
 
-template <typename T, Act act>
-void row_affine(const T* __restrict x, T* __restrict y, int64_t rows, int64_t C,
-                const acc_t<T>* __restrict mean, const acc_t<T>* __restrict scale,
-                const acc_t<T>* __restrict bias) {
-  if (mean == nullptr) {  // folded
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* __restrict xr = x + r * C;
-      T* __restrict yr = y + r * C;
-      elementwise<T>(C, [&](int64_t c, auto lanes) {
-        const auto z = get(lanes, xr + c) * get(lanes, scale + c) + get(lanes, bias + c);
-        put(lanes, yr + c, activated<act>(lanes, z));
-      });
-    }
-    return;
-  }
+// row_affine's loop, centred or folded (mean unread) at compile time.
+template <typename T, Act act, bool centred>
+NORMOPS_INLINE void rows_affine(const T* __restrict x, T* __restrict y, int64_t rows, int64_t C,
+                                const acc_t<T>* __restrict mean, const acc_t<T>* __restrict scale,
+                                const acc_t<T>* __restrict bias) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict xr = x + r * C;
     T* __restrict yr = y + r * C;
     elementwise<T>(C, [&](int64_t c, auto lanes) {
-      const auto z = (get(lanes, xr + c) - get(lanes, mean + c)) * get(lanes, scale + c) +
-                     get(lanes, bias + c);
-      put(lanes, yr + c, activated<act>(lanes, z));
+      auto v = get(lanes, xr + c);
+      if constexpr (centred) v = v - get(lanes, mean + c);
+      put(lanes, yr + c, activated<act>(lanes, v * get(lanes, scale + c) + get(lanes, bias + c)));
     });
   }
+}
+
+template <typename T, Act act>
+void row_affine(const T* x, T* y, int64_t rows, int64_t C, const acc_t<T>* mean,
+                const acc_t<T>* scale, const acc_t<T>* bias) {
+  if (mean == nullptr) return rows_affine<T, act, false>(x, y, rows, C, mean, scale, bias);
+  rows_affine<T, act, true>(x, y, rows, C, mean, scale, bias);
 }
 
 // Contiguous planes of len values, plane j with constants [j]: one call
