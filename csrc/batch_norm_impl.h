@@ -16,6 +16,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "channel_view.h"
@@ -253,11 +254,16 @@ struct BatchNormOps {
     B::update_running(dense_mean, dense_var, mean, var, momentum, unbias);
     // A kernel's write is invisible to autograd: bump the version counters as
     // an ATen in-place op does (caches keyed on them, saved-tensor checks).
+    // Buffers made under torch.inference_mode have none, and torch's batch
+    // norm updates them outside that mode too: written back as in it.
     for (const auto& [t, dense] : {std::make_pair(&running_mean, &dense_mean),
                                    std::make_pair(&running_var, &dense_var)}) {
       if (!present(*t)) continue;
+      const bool inference = (*t)->is_inference();
+      std::optional<c10::InferenceMode> as_inference;
+      if (inference) as_inference.emplace();
       if (!(*t)->is_same(**dense)) (*t)->copy_(**dense);
-      (*t)->unsafeGetTensorImpl()->bump_version();
+      if (!inference) (*t)->unsafeGetTensorImpl()->bump_version();
     }
   }
 

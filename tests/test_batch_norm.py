@@ -543,3 +543,20 @@ def test_update_running_stats_bumps_versions():
     with torch.no_grad():
         torch.ops.normops.update_running_stats(rm, rv, torch.ones(3), torch.ones(3), 0.1, 5)
     assert rm._version > versions[0] and rv._version > versions[1]
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_running_stats_created_in_inference_mode(strided):
+    # Buffers made under torch.inference_mode are inference tensors, with no
+    # version counter. torch's batch norm updates them outside it as well;
+    # the update used to write them and then raise on the version bump.
+    with torch.inference_mode():
+        rm, rv = torch.zeros(6), torch.ones(6)
+    x = torch.randn(4, 3, 5) + 2
+    ref_m, ref_v = torch.zeros(3), torch.ones(3)
+    TF.batch_norm(x, ref_m, ref_v, training=True)
+    running = (rm[::2], rv[::2]) if strided else (rm[:3], rv[:3])
+    out = normops.functional.batch_norm(x, *running, training=True)
+    assert_close(out, TF.batch_norm(x, None, None, training=True))
+    assert_close(running[0], ref_m)
+    assert_close(running[1], ref_v)
