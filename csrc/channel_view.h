@@ -1,7 +1,9 @@
 // How the (N, C, *) inputs of batch, group and instance norm are walked, on
 // any device: as N*C contiguous planes of HW elements (NCHW), or as N*HW rows
 // of C contiguous channels (channels_last, or one spatial element). Outputs
-// keep the input's strides; other strides are copied to contiguous first.
+// keep the input's strides; other strides are copied first into the layout
+// torch suggests for them (channels_last for a sliced channels_last tensor),
+// which torch's output takes.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -45,8 +47,8 @@ inline ChannelView channel_view(const Tensor& input) {
     v.x = input;
     v.rows = true;
   } else {
-    v.x = input.contiguous();
-    v.rows = v.HW == 1;
+    v.x = input.contiguous(input.suggest_memory_format());
+    v.rows = v.HW == 1 || !v.x.is_contiguous();
   }
   return v;
 }

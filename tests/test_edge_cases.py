@@ -329,3 +329,48 @@ def test_float64_backward_at_a_huge_spread(layout):
         do, = torch.autograd.grad(ours(xo), xo, g)
         dt, = torch.autograd.grad(theirs(xt), xt, g)
         torch.testing.assert_close(do, dt, rtol=1e-10, atol=1e-10 * dt.abs().max().item())
+
+
+def _sliced_channels_last(kind):
+    if kind == "3d":
+        return torch.randn(2, 6, 4, 5, 8).contiguous(memory_format=torch.channels_last_3d)[..., ::2]
+    x = torch.randn(3, 12, 6, 8).contiguous(memory_format=torch.channels_last)
+    return x[:, ::2] if kind == "channels" else x[..., ::2]
+
+
+@pytest.mark.parametrize("kind", ["width", "channels", "3d"])
+@pytest.mark.parametrize("op", ["bn_train", "bn_eval", "gn"])
+def test_sliced_channels_last_input_keeps_torchs_layout(op, kind):
+    # torch lays the output of a non-dense input out as the input's strides
+    # suggest (channels_last here), not contiguous.
+    x = _sliced_channels_last(kind)
+    C = x.size(1)
+    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    call = {"bn_train": lambda F: F.batch_norm(x, None, None, w, b, True),
+            "bn_eval": lambda F: F.batch_norm(x, rm, rv, w, b, False),
+            "gn": lambda F: F.group_norm(x, 3, w, b)}[op]
+    got, want = call(NF), call(torch.nn.functional)
+    assert got.stride() == want.stride()
+    assert_close(got, want)
+    torch.library.opcheck(torch.ops.normops.batch_norm if op != "gn" else torch.ops.normops.group_norm,
+                          (x, w, b, None, None, True, 1e-5, 0) if op != "gn" else (x, 3, w, b, 1e-5))
+
+
+def test_sliced_channels_last_instance_norm_stays_channels_last():
+    x = _sliced_channels_last("width")
+    y = NF.instance_norm(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, torch.nn.functional.instance_norm(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sliced_channels_last_depthwise_convolution(dtype):
+    x = _sliced_channels_last("width").to(dtype)
+    w = torch.randn(x.size(1), 1, 3, 3, dtype=dtype)
+    for stride in (1, 2):
+        y = torch.ops.normops.depthwise_conv3x3(x, w, stride)
+        want = torch.nn.functional.conv2d(x, w, None, stride, 1, 1, x.size(1))
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert_close(y, want)
+        torch.library.opcheck(torch.ops.normops.depthwise_conv3x3, (x, w, stride))

@@ -1,13 +1,15 @@
 """Helpers shared by the op registrations: output layouts and dtypes of the
 kernels (for the fake kernels), device checks, the double-backward path.
 
-They mirror csrc/cpu/common.h: an (N, C, *) input that is contiguous or
+They mirror csrc/channel_view.h: an (N, C, *) input that is contiguous or
 channels_last-dense is used as it is and its output has its strides; any other
-input is copied to contiguous first.
+input is copied first into the layout torch suggests for it (channels_last for
+a sliced channels_last tensor, else contiguous).
 """
 import contextlib
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,7 +36,8 @@ def empty_like_channels(x: torch.Tensor) -> torch.Tensor:
     """The output the kernels allocate for an (N, C, *) input."""
     if x.is_contiguous() or is_channels_last_dense(x):
         return torch.empty_like(x)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                       memory_format=suggest_memory_format(x))
 
 
 def empty_stats(x: torch.Tensor, *shape) -> torch.Tensor:
