@@ -24,6 +24,7 @@ kernel, autocast, an input of another dtype than the weights, torch.func
 transforms and forward-mode AD) runs the unfused submodules, exactly as
 torchvision's block does.
 """
+import contextlib
 import functools
 from typing import Callable, List, Optional
 
@@ -449,13 +450,15 @@ class InvertedResidual(nn.Module):
         state.pop("_fold_cache", None)
         return state
 
-    def _folded(self, stages) -> List[Optional[Tensor]]:
+    def _folded(self, stages, dtype: torch.dtype) -> Optional[List[Optional[Tensor]]]:
         """Folded weights and biases, cached while the parameters, running
         statistics and eps hold what was folded, unless they carry a graph or
-        are inference tensors. The contents are compared, not the version
-        counters, which writes through .data, fused optimizers and NumPy
-        views leave alone: comparing the weights (memcmp) costs a fraction
-        of folding them (160-channel block at batch 1: ~40 of 300 us)."""
+        are inference tensors, or a trace would record the cache as its
+        constants. The contents are compared, not the version counters, which
+        writes through .data, fused optimizers and NumPy views leave alone:
+        comparing the weights (memcmp) costs a fraction of folding them
+        (160-channel block at batch 1: ~40 of 300 us). None where a tensor is
+        not of the input's dtype: the children then raise torch's error."""
         # Read from the modules' dicts: nn.Module.__getattr__ took a third of
         # this function's time on a small block (block_stages checked the types).
         tensors = []
@@ -465,8 +468,10 @@ class InvertedResidual(nn.Module):
             tensors += [t for t in (bn._parameters.get("weight"), bn._parameters.get("bias"),
                                     bn._buffers.get("running_mean"), bn._buffers.get("running_var"))
                         if t is not None]
+        if any(t.dtype != dtype for t in tensors):
+            return None
         differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        cacheable = not (differentiable or torch.compiler.is_compiling()
+        cacheable = not (differentiable or torch.compiler.is_compiling() or torch.jit.is_tracing()
                          or any(t.is_inference() for t in tensors))
         key = None
         if cacheable:  # which tensors fill which roles; same_contents compares the rest
@@ -475,11 +480,17 @@ class InvertedResidual(nn.Module):
         if (key is not None and cached is not None and cached[0] == key
                 and same_contents(tensors, cached[1])):
             return cached[2]
-        folded = []
-        for pair in stages:
-            folded += [None, None] if pair is None else list(_fold(*pair))
-        if key is not None:
-            self._fold_cache = (key, [t.detach().clone() for t in tensors], folded)
+        # A cache filled under inference_mode would hold inference tensors,
+        # which a later call recording a graph cannot save (input gradients
+        # of a frozen model): filled outside it (and without a graph).
+        outside_inference = key is not None and torch.is_inference_mode_enabled()
+        with (torch.inference_mode(False) if outside_inference else contextlib.nullcontext()), \
+                (torch.no_grad() if outside_inference else contextlib.nullcontext()):
+            folded = []
+            for pair in stages:
+                folded += [None, None] if pair is None else list(_fold(*pair))
+            if key is not None:
+                self._fold_cache = (key, [t.detach().clone() for t in tensors], folded)
         return folded
 
     def _needs_torch_rules(self, x: Tensor) -> bool:
@@ -506,15 +517,17 @@ class InvertedResidual(nn.Module):
             if all(batch_stats):
                 _check_values_per_channel(x, stages, stride)
                 params = _stage_params(stages)
-                # Dynamo cannot trace the recomputing backward: there the
-                # graph is recorded (AOTAutograd's partitioner chooses what
-                # to save).
-                if self.memory_efficient and not torch.compiler.is_compiling():
+                # Dynamo cannot trace the recomputing backward, nor
+                # torch.jit.trace the Function: there the graph is recorded
+                # (under Dynamo, AOTAutograd's partitioner chooses what to save).
+                if (self.memory_efficient and not torch.compiler.is_compiling()
+                        and not torch.jit.is_tracing()):
                     return _RecomputedTrainBlock.apply(stages, stride, self.use_res_connect, x,
                                                        *params)
                 return _train_forward(x, params, stages, stride, self.use_res_connect)[0]
-            if not any(batch_stats) and x.device.type in _EVAL_DEVICES:
-                folded = self._folded(stages)
+            folded = (self._folded(stages, x.dtype)
+                      if not any(batch_stats) and x.device.type in _EVAL_DEVICES else None)
+            if folded is not None:
                 return call(ops.inverted_residual, x, *folded, stride, self.use_res_connect)
         y = self.conv(x)
         return x + y if self.use_res_connect else y

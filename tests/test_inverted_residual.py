@@ -620,3 +620,51 @@ def test_the_fused_paths_run(monkeypatch, dtype, layout):
     with torch.no_grad():
         ours.eval()(x)
     assert taken.count("train") == 1 and taken.count(torch.ops.normops.inverted_residual) == 1
+
+
+def test_fold_cached_under_inference_mode_serves_a_later_gradient():
+    # A frozen model validated under inference_mode, then asked for input
+    # gradients (saliency): the cached fold must not be inference tensors.
+    ours, ref = make_pair((8, 8, 1, 6))
+    for m in (ours, ref):
+        m.eval().requires_grad_(False)
+    x = make_input((2, 8, 7, 9), torch.float64)
+    with torch.inference_mode():
+        assert_close(ours(x), ref(x))
+    grads = [torch.autograd.grad(m(xg).square().sum(), xg)[0]
+             for m, xg in ((ours, x.clone().requires_grad_()), (ref, x.clone().requires_grad_()))]
+    assert_close(*grads)
+
+
+def test_jit_trace_reads_the_weights_it_is_given():
+    ours, ref = make_pair((8, 8, 1, 6))
+    ours.eval(), ref.eval()
+    x = make_input((2, 8, 7, 9), torch.float64)
+    with torch.no_grad():
+        ours(x)  # a warm fold cache must not become the trace's constants
+        traced = torch.jit.trace(ours, x)
+        for m in (ours, ref):
+            m.conv[1][1].running_mean.add_(0.7)
+        assert_close(traced(x), ref(x))
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_jit_trace_in_training(memory_efficient):
+    ours, ref = make_pair((8, 8, 1, 6), memory_efficient=memory_efficient)
+    ours.train(), ref.train()
+    x = make_input((2, 8, 7, 9), torch.float64)
+    traced = torch.jit.trace(copy.deepcopy(ours), x, check_trace=False)
+    assert_close(traced(x), ref(x))
+
+
+def test_eval_with_a_stage_of_another_dtype_is_refused_as_torch_does():
+    ours, ref = make_pair((8, 8, 1, 6), torch.float32)
+    ours.eval(), ref.eval()
+    x = torch.randn(2, 8, 7, 9)
+    for stage in ("conv.0.0", "conv.0.1", "conv.1.1", "conv.2", "conv.3"):
+        o, r = copy.deepcopy(ours), copy.deepcopy(ref)
+        o.get_submodule(stage).double(), r.get_submodule(stage).double()
+        with pytest.raises(RuntimeError):
+            r(x)
+        with pytest.raises(RuntimeError):
+            o(x)
