@@ -39,6 +39,7 @@ inline void check_affine(const Tensor& input, const OptTensor& weight, const Opt
   const int64_t C = input.size(1);
   check_param(input, weight, {C}, kOp, "weight");
   check_param(input, bias, {C}, kOp, "bias");
+  check_one_param_dtype(input, {{"weight", &weight}, {"bias", &bias}}, kOp);
 }
 
 // Per-channel constants of the normalisation with statistics (mean, var):
@@ -131,6 +132,10 @@ struct BatchNormOps {
     // The running statistics follow the parameters' dtype rule, as torch's.
     check_param(input, running_mean, {input.size(1)}, kOp, "running_mean");
     check_param(input, running_var, {input.size(1)}, kOp, "running_var");
+    check_one_param_dtype(input,
+                          {{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean},
+                           {"running_var", &running_var}},
+                          kOp);
     TORCH_CHECK(training || (present(running_mean) && present(running_var)), kOp,
                 ": running_mean and running_var must be given when training is False");
     ChannelView v = channel_view(input);

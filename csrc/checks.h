@@ -8,6 +8,7 @@
 #include <ATen/ops/full.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <utility>
@@ -81,6 +82,29 @@ inline void check_param(const Tensor& input, const OptTensor& p, at::IntArrayRef
               " (the input's), but got ", p->scalar_type());
 }
 
+// Mixed precision takes one parameter dtype: with a bfloat16 or float16
+// input, every present parameter (and running statistic) float32, or every
+// one the input's dtype, as torch's CPU kernels require. (check_param admits
+// each of the two.)
+inline void check_one_param_dtype(
+    const Tensor& input, std::initializer_list<std::pair<const char*, const OptTensor*>> params,
+    const char* op) {
+  if (!is_reduced(input.scalar_type())) return;
+  const char* first = nullptr;
+  at::ScalarType dt = at::kFloat;
+  for (const auto& [name, p] : params) {
+    if (!present(*p)) continue;
+    if (first == nullptr) {
+      first = name;
+      dt = (*p)->scalar_type();
+      continue;
+    }
+    TORCH_CHECK((*p)->scalar_type() == dt, op, ": expected ", name, " to have the dtype of ", first,
+                " (", dt, "): mixed precision takes float32 or the input's dtype for all of them, "
+                "but got ", (*p)->scalar_type());
+  }
+}
+
 // Layer norm over the trailing `shape` of `input`: checks the arguments and
 // returns (rows, D).
 inline std::pair<int64_t, int64_t> check_layer_norm(const Tensor& input, at::IntArrayRef shape,
@@ -100,6 +124,7 @@ inline std::pair<int64_t, int64_t> check_layer_norm(const Tensor& input, at::Int
   }
   check_param(input, weight, shape, op, "weight");
   check_param(input, bias, shape, op, "bias");
+  check_one_param_dtype(input, {{"weight", &weight}, {"bias", &bias}}, op);
   int64_t D = 1, rows = 1;
   for (auto d : shape) D *= d;
   for (int64_t i = 0; i < axis; ++i) rows *= input.size(i);

@@ -33,6 +33,7 @@ inline void check_gn(const Tensor& input, int64_t groups, const OptTensor& weigh
               "num_groups, but got input of shape ", input.sizes(), " and num_groups=", groups);
   check_param(input, weight, {C}, kOp, "weight");
   check_param(input, bias, {C}, kOp, "bias");
+  check_one_param_dtype(input, {{"weight", &weight}, {"bias", &bias}}, kOp);
 }
 
 template <class B>

@@ -374,3 +374,29 @@ def test_sliced_channels_last_depthwise_convolution(dtype):
         assert y.is_contiguous(memory_format=torch.channels_last)
         assert_close(y, want)
         torch.library.opcheck(torch.ops.normops.depthwise_conv3x3, (x, w, stride))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_parameter_dtypes_are_refused_as_torch_does(dtype):
+    # Mixed precision takes float32 parameters or the input's dtype, one of
+    # them for all: torch's CPU kernels raise for a mixture.
+    x = torch.randn(4, 6, 5, dtype=dtype)
+    w5, b5, w6, b6, rm, rv = (torch.rand(n) + 0.5 for n in (5, 5, 6, 6, 6, 6))
+    calls = {
+        "layer_norm": lambda F, a, b: F.layer_norm(x, (5,), w5.to(a), b5.to(b)),
+        "group_norm": lambda F, a, b: F.group_norm(x, 2, w6.to(a), b6.to(b)),
+        "batch_norm": lambda F, a, b: F.batch_norm(x, None, None, w6.to(a), b6.to(b), True),
+        "batch_norm_eval": lambda F, a, b: F.batch_norm(x, rm.to(a), rv.to(b), w6, b6, False),
+        "batch_norm_running": lambda F, a, b: F.batch_norm(x, rm.to(a).clone(), rv.to(b).clone(),
+                                                           None, None, True),
+    }
+    for name, call in calls.items():
+        for a, b in ((torch.float32, torch.float32), (dtype, dtype)):
+            if name == "batch_norm_eval" and a != torch.float32:
+                continue  # float32 weight and bias with these statistics: mixed
+            assert_close(call(NF, a, b), call(torch.nn.functional, a, b), dtype)
+        for a, b in ((torch.float32, dtype), (dtype, torch.float32)):
+            with pytest.raises(RuntimeError):
+                call(torch.nn.functional, a, b)
+            with pytest.raises(RuntimeError, match="mixed precision"):
+                call(NF, a, b)
