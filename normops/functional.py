@@ -141,10 +141,11 @@ def batch_norm(
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if not training:  # before the pair check: torch's error type here
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is None:
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
     _check_running_stats(running_mean, running_var)
-    if not training and running_mean is None:
-        raise RuntimeError(
-            "batch_norm: running_mean and running_var must be defined in evaluation mode")
     out, mean, var = call(ops.batch_norm, input, weight, bias, running_mean, running_var,
                           training, eps, act)
     if training:

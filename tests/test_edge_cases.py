@@ -400,3 +400,19 @@ def test_mixed_parameter_dtypes_are_refused_as_torch_does(dtype):
                 call(torch.nn.functional, a, b)
             with pytest.raises(RuntimeError, match="mixed precision"):
                 call(NF, a, b)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("missing", ["running_mean", "running_var", "both"])
+def test_missing_running_statistic_errors_as_torch(training, missing):
+    x = torch.randn(4, 3)
+    rm = None if missing in ("running_mean", "both") else torch.zeros(3)
+    rv = None if missing in ("running_var", "both") else torch.ones(3)
+    if training and missing == "both":
+        return  # batch statistics: no error
+    errors = []
+    for F in (torch.nn.functional, NF):
+        with pytest.raises((RuntimeError, ValueError)) as info:
+            F.batch_norm(x, rm, rv, training=training)
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
