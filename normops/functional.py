@@ -256,9 +256,11 @@ def instance_norm(
             # at 1e-12 against 1e-5), and the variance is computed again, a
             # pass over the input (always while compiling and on meta
             # tensors: no data-dependent branch there).
+            # A NaN (eps <= 0: rstd of a constant instance inf, or NaN)
+            # fails `var >= 1e3 * eps` too.
             var = rstd.double().pow(-2).sub_(eps)
             if (torch.compiler.is_compiling() or input.device.type == "meta"
-                    or bool((var < 1e3 * eps).any())):
+                    or not bool((var >= 1e3 * eps).all())):
                 var = input.to(mean.dtype).var(dim=tuple(range(2, input.dim())), correction=0)
             update_running_stats(running_mean, running_var, mean.mean(0),
                                  var.to(mean.dtype).mean(0), spatial, momentum)

@@ -168,3 +168,15 @@ def test_old_checkpoint_with_stray_running_stats():
             module.load_state_dict(sd, strict=False)
         messages.append(str(e.value).split(":", 1)[1])
     assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize("eps", [-1.0, 0.0])
+def test_running_var_with_eps_of_no_use(eps):
+    # torch does not refuse eps <= 0; its running variance stays finite
+    # where rstd is NaN or inf.
+    x = torch.randn(4, 3, 5)
+    x[0, 0] = 2.0  # a constant instance: rstd inf at eps 0
+    stats = [(torch.zeros(3), torch.ones(3)) for _ in range(2)]
+    for F, (rm, rv) in zip((torch.nn.functional, normops.functional), stats):
+        F.instance_norm(x, rm, rv, use_input_stats=True, eps=eps)
+    torch.testing.assert_close(stats[1], stats[0])
