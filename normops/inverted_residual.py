@@ -462,14 +462,20 @@ class InvertedResidual(nn.Module):
         # Read from the modules' dicts: nn.Module.__getattr__ took a third of
         # this function's time on a small block (block_stages checked the types).
         tensors = []
+        # torch's dtype rule: each convolution in the input's dtype, each
+        # batch norm's tensors in one dtype, the input's or (mixed precision)
+        # float32.
+        norm_dtypes = (dtype, torch.float32) if dtype in (torch.bfloat16, torch.float16) else (dtype,)
         for pair in filter(None, stages):
             conv, bn = pair
             tensors.append(conv._parameters["weight"])
-            tensors += [t for t in (bn._parameters.get("weight"), bn._parameters.get("bias"),
-                                    bn._buffers.get("running_mean"), bn._buffers.get("running_var"))
-                        if t is not None]
-        if any(t.dtype != dtype for t in tensors):
-            return None
+            norm = [t for t in (bn._parameters.get("weight"), bn._parameters.get("bias"),
+                                bn._buffers.get("running_mean"), bn._buffers.get("running_var"))
+                    if t is not None]
+            if (tensors[-1].dtype != dtype or (norm and norm[0].dtype not in norm_dtypes)
+                    or any(t.dtype != norm[0].dtype for t in norm)):
+                return None
+            tensors += norm
         differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         cacheable = not (differentiable or torch.compiler.is_compiling() or torch.jit.is_tracing()
                          or any(t.is_inference() for t in tensors))

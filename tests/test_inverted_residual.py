@@ -668,3 +668,17 @@ def test_eval_with_a_stage_of_another_dtype_is_refused_as_torch_does():
             r(x)
         with pytest.raises(RuntimeError):
             o(x)
+
+
+def test_eval_bfloat16_block_with_float32_batch_norms():
+    # Mixed precision as torch allows it: the fused path runs and matches.
+    ours, ref = make_pair((8, 8, 1, 6), torch.float32)
+    for m in (ours, ref):
+        m.eval().bfloat16()
+        for stage in ("conv.0.1", "conv.1.1", "conv.3"):
+            m.get_submodule(stage).float()
+    x = torch.randn(2, 8, 7, 7, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y, want = ours(x), ref(x)
+    assert y.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want.float(), rtol=0.05, atol=0.05 * want.abs().max().item())
