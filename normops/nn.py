@@ -32,7 +32,9 @@ class _BatchNormForward:
     moves only once the op has succeeded, except inside torch.func
     transforms: there torch's op updates the running statistics in place, and
     an in-place update of a captured buffer raises, so the counter moves
-    first, as in torch, which keeps a refused call from moving anything."""
+    first, as in torch, which keeps a refused call from moving anything (as
+    for a counter made under torch.inference_mode, which cannot move
+    outside it)."""
 
     activation: Optional[str] = None
 
@@ -40,12 +42,15 @@ class _BatchNormForward:
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         tracking = self.training and self.track_running_stats
+        counter = self.num_batches_tracked
         momentum = 0.0 if self.momentum is None else self.momentum
-        if tracking and self.num_batches_tracked is not None and self.momentum is None:
-            momentum = 1.0 / float(self.num_batches_tracked + 1)
-        count_first = tracking and F.needs_torch_rules(input)
-        if count_first and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        if tracking and counter is not None and self.momentum is None:
+            momentum = 1.0 / float(counter + 1)
+        count_first = tracking and (F.needs_torch_rules(input) or (
+            counter is not None and not torch.compiler.is_compiling()
+            and counter.is_inference() and not torch.is_inference_mode_enabled()))
+        if count_first and counter is not None:
+            counter.add_(1)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_buffers = not self.training or self.track_running_stats
         out = self._batch_norm(
@@ -53,8 +58,8 @@ class _BatchNormForward:
             self.running_mean if pass_buffers else None,
             self.running_var if pass_buffers else None,
             use_batch_stats, momentum)
-        if tracking and not count_first and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        if tracking and not count_first and counter is not None:
+            counter.add_(1)
         return out
 
     def _batch_norm(self, input: Tensor, running_mean: Optional[Tensor],

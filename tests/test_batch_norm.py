@@ -560,3 +560,18 @@ def test_running_stats_created_in_inference_mode(strided):
     assert_close(out, TF.batch_norm(x, None, None, training=True))
     assert_close(running[0], ref_m)
     assert_close(running[1], ref_v)
+
+
+def test_module_made_in_inference_mode_refuses_training_untouched():
+    # Its counter cannot move outside inference_mode: torch raises there
+    # before normalising, and a failing normops call must leave the running
+    # statistics as torch's does.
+    with torch.inference_mode():
+        ours, ref = normops.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5) + 2
+    for m in (ref, ours):
+        with pytest.raises(RuntimeError, match="inference"):
+            m(x)
+    for name, buffer in ref.named_buffers():
+        torch.testing.assert_close(ours.get_buffer(name), buffer)
+    assert ours.running_mean.eq(0).all()
