@@ -101,8 +101,10 @@ def convert(model: torch.nn.Module, fuse_activations: bool = True) -> torch.nn.M
 
     A fused pair's batch norm applies the activation itself, so code that
     runs a Sequential only up to it (`seq[:k]`, `seq[i](x)`, iterating over
-    its children to tap features) sees activated outputs: convert such
-    models with fuse_activations=False."""
+    its children to tap features) sees activated outputs, and so does code
+    that edits it afterwards (replacing or hooking the activation's slot,
+    inserting a module after the batch norm): convert such models with
+    fuse_activations=False."""
     seen, shared = set(), set()
     for _, m in model.named_modules(remove_duplicate=False):
         (shared if id(m) in seen else seen).add(id(m))
