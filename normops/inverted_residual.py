@@ -520,14 +520,16 @@ class InvertedResidual(nn.Module):
             # Each batch norm's own mode decides, as in the unfused block
             # (a frozen BN in a training model uses its running statistics).
             batch_stats = [bn.training or bn.running_mean is None for bn in norms]
-            if all(batch_stats):
+            # torch.jit.trace records the training path's Python numbers
+            # (values per channel, the batch-1 matrix products) as constants:
+            # the children's batch norms count at run time.
+            if all(batch_stats) and not torch.jit.is_tracing():
                 _check_values_per_channel(x, stages, stride)
                 params = _stage_params(stages)
-                # Dynamo cannot trace the recomputing backward, nor
-                # torch.jit.trace the Function: there the graph is recorded
-                # (under Dynamo, AOTAutograd's partitioner chooses what to save).
-                if (self.memory_efficient and not torch.compiler.is_compiling()
-                        and not torch.jit.is_tracing()):
+                # Dynamo cannot trace the recomputing backward: there the
+                # graph is recorded (AOTAutograd's partitioner chooses what
+                # to save).
+                if self.memory_efficient and not torch.compiler.is_compiling():
                     return _RecomputedTrainBlock.apply(stages, stride, self.use_res_connect, x,
                                                        *params)
                 return _train_forward(x, params, stages, stride, self.use_res_connect)[0]

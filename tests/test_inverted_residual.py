@@ -650,11 +650,19 @@ def test_jit_trace_reads_the_weights_it_is_given():
 
 @pytest.mark.parametrize("memory_efficient", [True, False])
 def test_jit_trace_in_training(memory_efficient):
+    # Traced at batch 1, run at batch 3: the running statistics count the
+    # batch at run time, as torch's traced block does.
     ours, ref = make_pair((8, 8, 1, 6), memory_efficient=memory_efficient)
+    for m in (ours, ref):
+        for bn in (m.conv[0][1], m.conv[1][1], m.conv[3]):
+            bn.momentum = 1.0
     ours.train(), ref.train()
-    x = make_input((2, 8, 7, 9), torch.float64)
-    traced = torch.jit.trace(copy.deepcopy(ours), x, check_trace=False)
+    traced = torch.jit.trace(ours, make_input((1, 8, 7, 9), torch.float64), check_trace=False)
+    x = make_input((3, 8, 7, 9), torch.float64)
     assert_close(traced(x), ref(x))
+    for name, buffer in ref.named_buffers():
+        if name.endswith("running_var") or name.endswith("running_mean"):
+            assert_close(ours.get_buffer(name), buffer)
 
 
 def test_eval_with_a_stage_of_another_dtype_is_refused_as_torch_does():
@@ -682,3 +690,17 @@ def test_eval_bfloat16_block_with_float32_batch_norms():
         y, want = ours(x), ref(x)
     assert y.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), want.float(), rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
+def test_traced_eval_block_backpropagates_every_call():
+    ours, ref = make_pair((4, 4, 1, 2))
+    ours.eval(), ref.eval()
+    x = make_input((2, 4, 5, 5), torch.float64)
+    traced = torch.jit.trace(ours, x, check_trace=False)
+    for _ in range(3):
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        grads = [torch.autograd.grad(m(xi).square().sum(), [xi, w])
+                 for m, xi, w in ((traced, xs[0], ours.conv[1][0].weight),
+                                  (ref, xs[1], ref.conv[1][0].weight))]
+        for got, want in zip(*grads):
+            assert_close(got, want)

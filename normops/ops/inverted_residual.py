@@ -57,8 +57,14 @@ def _backward(ctx, grad_out):
     def recompute(*t):
         return reference(*(None if v is None else v.to(acc) for v in t), ctx.stride,
                          ctx.residual)
-    grads = torch_grads(recompute, tensors, needs, grad_out.to(acc),
-                        create_graph=torch.is_grad_enabled())
+    create_graph = torch.is_grad_enabled()
+    if not create_graph:
+        # Differentiated from the saved values alone: their own history (the
+        # fold's graph, which a trace's executor may have freed already) is
+        # the engine's to follow, not this recomputation's.
+        tensors = [None if t is None else t.detach().requires_grad_(n)
+                   for t, n in zip(tensors, needs)]
+    grads = torch_grads(recompute, tensors, needs, grad_out.to(acc), create_graph=create_graph)
     return (*grads, None, None)
 
 
