@@ -33,3 +33,13 @@ def fx_leaf(forward: Callable) -> Callable:
         return _leaf_forward(self, name, *args, **kwargs)
 
     return leaf
+
+
+def refuse_script(module: torch.nn.Module):
+    """__prepare_scriptable__ of the normops modules: torch.jit.script cannot
+    compile their forwards (Python dispatch, custom autograd), and without
+    this its error named a line of this file."""
+    raise RuntimeError(
+        f"{type(module).__name__} (normops) cannot be compiled by torch.jit.script: use "
+        "torch.compile, torch.export or torch.jit.trace, or script the model before "
+        "normops.convert")

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
 from ._C import same_contents
-from ._fx import fx_leaf
+from ._fx import fx_leaf, refuse_script
 from .functional import needs_torch_rules, update_running_stats
 from .ops._common import below_autograd, call, needs_double_backward, torch_grads
 
@@ -418,6 +418,8 @@ def _recomputed_backward(ctx, grad_out, x, h3, params, flat, needs):
 class InvertedResidual(nn.Module):
     """torchvision.models.mobilenetv2.InvertedResidual, fused (see the module
     docstring). `memory_efficient` chooses how training saves for backward."""
+
+    __prepare_scriptable__ = refuse_script
 
     def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int,
                  norm_layer: Optional[Callable[..., nn.Module]] = None,

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from ._fx import fx_leaf
+from ._fx import fx_leaf, refuse_script
 from .sync_batch_norm import check_sync_input_dim, sync_batch_norm, world_size
 
 __all__ = [
@@ -37,6 +37,7 @@ class _BatchNormForward:
     outside it)."""
 
     activation: Optional[str] = None
+    __prepare_scriptable__ = refuse_script
 
     @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
@@ -110,6 +111,8 @@ class FusedActivation(torch.nn.Identity):
     once something else has taken its place (torch's convert_sync_batchnorm,
     a conv-bn fusion, a hand swap), so that the Sequential still computes
     what the unfused one did."""
+
+    __prepare_scriptable__ = refuse_script
 
     def __init__(self, activation: torch.nn.Module, seq: torch.nn.Sequential,
                  norm_key: str) -> None:
@@ -221,6 +224,8 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
 class LayerNorm(torch.nn.LayerNorm):
     __doc__ = torch.nn.LayerNorm.__doc__
 
+    __prepare_scriptable__ = refuse_script
+
     @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -228,6 +233,8 @@ class LayerNorm(torch.nn.LayerNorm):
 
 class GroupNorm(torch.nn.GroupNorm):
     __doc__ = torch.nn.GroupNorm.__doc__
+
+    __prepare_scriptable__ = refuse_script
 
     @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
@@ -237,6 +244,8 @@ class GroupNorm(torch.nn.GroupNorm):
 class _InstanceNormApply:
     """torch's _InstanceNorm keeps its checks, no-batch-dim handling and
     warnings; only the normalisation itself is replaced."""
+
+    __prepare_scriptable__ = refuse_script
 
     forward = fx_leaf(torch.nn.modules.instancenorm._InstanceNorm.forward)
 

@@ -416,3 +416,15 @@ def test_missing_running_statistic_errors_as_torch(training, missing):
             F.batch_norm(x, rm, rv, training=training)
         errors.append((type(info.value), str(info.value)))
     assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("make", [lambda: normops.nn.BatchNorm2d(3), lambda: normops.nn.LayerNorm(3),
+                                  lambda: normops.nn.GroupNorm(1, 3),
+                                  lambda: normops.nn.InstanceNorm2d(3),
+                                  lambda: normops.nn.InvertedResidual(3, 3, 1, 2),
+                                  lambda: normops.convert(torch.nn.Sequential(
+                                      torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3),
+                                      torch.nn.ReLU()))])
+def test_jit_script_is_refused_clearly(make):
+    with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script"):
+        torch.jit.script(make())
