@@ -167,6 +167,19 @@ def _momentum(bn: nn.BatchNorm2d) -> float:
     return bn.momentum
 
 
+def _of_torchs_dtypes(stages, dtype: torch.dtype) -> bool:
+    """torch's dtype rule for the block's tensors with an input of `dtype`:
+    each convolution's weight in that dtype, each batch norm's tensors in
+    one dtype, the input's or (mixed precision) float32."""
+    norm_dtypes = (dtype, torch.float32) if dtype in (torch.bfloat16, torch.float16) else (dtype,)
+    for conv, bn in filter(None, stages):
+        norm = {t.dtype for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+                if t is not None}
+        if conv.weight.dtype != dtype or len(norm) > 1 or not norm <= set(norm_dtypes):
+            return False
+    return True
+
+
 def _stage_params(stages) -> List[Optional[Tensor]]:
     """conv weight, bn weight, bn bias of each stage (Nones for a missing
     expansion or a non-affine batch norm)."""
@@ -464,20 +477,12 @@ class InvertedResidual(nn.Module):
         # Read from the modules' dicts: nn.Module.__getattr__ took a third of
         # this function's time on a small block (block_stages checked the types).
         tensors = []
-        # torch's dtype rule: each convolution in the input's dtype, each
-        # batch norm's tensors in one dtype, the input's or (mixed precision)
-        # float32.
-        norm_dtypes = (dtype, torch.float32) if dtype in (torch.bfloat16, torch.float16) else (dtype,)
         for pair in filter(None, stages):
             conv, bn = pair
             tensors.append(conv._parameters["weight"])
-            norm = [t for t in (bn._parameters.get("weight"), bn._parameters.get("bias"),
-                                bn._buffers.get("running_mean"), bn._buffers.get("running_var"))
-                    if t is not None]
-            if (tensors[-1].dtype != dtype or (norm and norm[0].dtype not in norm_dtypes)
-                    or any(t.dtype != norm[0].dtype for t in norm)):
-                return None
-            tensors += norm
+            tensors += [t for t in (bn._parameters.get("weight"), bn._parameters.get("bias"),
+                                    bn._buffers.get("running_mean"), bn._buffers.get("running_var"))
+                        if t is not None]
         differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         cacheable = not (differentiable or torch.compiler.is_compiling() or torch.jit.is_tracing()
                          or any(t.is_inference() for t in tensors))
@@ -487,7 +492,9 @@ class InvertedResidual(nn.Module):
         cached = getattr(self, "_fold_cache", None)
         if (key is not None and cached is not None and cached[0] == key
                 and same_contents(tensors, cached[1])):
-            return cached[2]
+            return cached[2]  # same dtypes (same_contents), checked when cached
+        if not _of_torchs_dtypes(stages, dtype):
+            return None
         # A cache filled under inference_mode would hold inference tensors,
         # which a later call recording a graph cannot save (input gradients
         # of a frozen model): filled outside it (and without a graph).

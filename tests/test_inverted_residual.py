@@ -678,8 +678,11 @@ def test_eval_with_a_stage_of_another_dtype_is_refused_as_torch_does():
             o(x)
 
 
-def test_eval_bfloat16_block_with_float32_batch_norms():
+def test_eval_bfloat16_block_with_float32_batch_norms(monkeypatch):
     # Mixed precision as torch allows it: the fused path runs and matches.
+    import normops.inverted_residual as ir
+    taken, call = [], ir.call
+    monkeypatch.setattr(ir, "call", lambda op, *args: taken.append(op) or call(op, *args))
     ours, ref = make_pair((8, 8, 1, 6), torch.float32)
     for m in (ours, ref):
         m.eval().bfloat16()
@@ -690,6 +693,7 @@ def test_eval_bfloat16_block_with_float32_batch_norms():
         y, want = ours(x), ref(x)
     assert y.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), want.float(), rtol=0.05, atol=0.05 * want.abs().max().item())
+    assert taken == [torch.ops.normops.inverted_residual]
 
 
 def test_traced_eval_block_backpropagates_every_call():
