@@ -353,8 +353,11 @@ def test_sliced_channels_last_input_keeps_torchs_layout(op, kind):
     got, want = call(NF), call(torch.nn.functional)
     assert got.stride() == want.stride()
     assert_close(got, want)
-    torch.library.opcheck(torch.ops.normops.batch_norm if op != "gn" else torch.ops.normops.group_norm,
-                          (x, w, b, None, None, True, 1e-5, 0) if op != "gn" else (x, 3, w, b, 1e-5))
+    ops = torch.ops.normops
+    op_args = {"bn_train": (ops.batch_norm, (x, w, b, None, None, True, 1e-5, 0)),
+               "bn_eval": (ops.batch_norm, (x, w, b, rm, rv, False, 1e-5, 0)),
+               "gn": (ops.group_norm, (x, 3, w, b, 1e-5))}[op]
+    torch.library.opcheck(*op_args)
 
 
 def test_sliced_channels_last_instance_norm_stays_channels_last():
