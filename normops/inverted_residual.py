@@ -37,7 +37,8 @@ from torch.nn.modules import module as _module_hooks
 from ._C import same_contents
 from ._fx import fx_leaf, refuse_script
 from .functional import needs_torch_rules, update_running_stats
-from .ops._common import below_autograd, call, needs_double_backward, torch_grads
+from .ops._common import (below_autograd, call, channels_last_output, needs_double_backward,
+                          torch_grads)
 
 ops = torch.ops.normops
 
@@ -323,7 +324,7 @@ def _train_forward(x: Tensor, params, stages, stride: int, residual: bool,
         if module.num_batches_tracked is not None:
             module.num_batches_tracked.add_(1)
     out = h + x_run if residual else h
-    if x_run is not x and not x.is_contiguous(memory_format=torch.channels_last):
+    if x_run is not x and not channels_last_output(x):
         out = out.contiguous()  # torch's block keeps an NCHW input's layout
     return out, pre_norm, [None if st is None else st[:2] for st in stats]
 

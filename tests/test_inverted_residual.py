@@ -12,6 +12,7 @@ import torch
 import normops
 import reference_models as ref_models
 from helpers import assert_close, make_input, step_and_compare
+from normops.inverted_residual import block_stages
 from normops.ops.inverted_residual import reference as op_reference
 
 SHAPES = json.loads((Path(__file__).parents[1] / "benchmarks" / "shapes.json").read_text())
@@ -412,7 +413,6 @@ def test_convert_recognises_torchvision_blocks_by_structure():
     with torch.no_grad():
         assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
     # Converting again, or converting normops' own network, keeps every block fused.
-    from normops.inverted_residual import block_stages
     for net in (normops.convert(model), normops.convert(normops.models.mobilenet_v2())):
         blocks = [m for m in net.modules() if isinstance(m, normops.nn.InvertedResidual)]
         assert len(blocks) == 17 and all(block_stages(b.conv) is not None for b in blocks)
@@ -708,3 +708,20 @@ def test_traced_eval_block_backpropagates_every_call():
                                   (ref, xs[1], ref.conv[1][0].weight))]
         for got, want in zip(*grads):
             assert_close(got, want)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("cfg", [(8, 8, 1, 6), (8, 16, 2, 6), (8, 8, 1, 1)])
+def test_sliced_channels_last_input_keeps_torchs_layout(cfg, training):
+    ours, ref = make_pair(cfg)
+    ours.train(training), ref.train(training)
+    x = torch.randn(2, 8, 9, 14, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)[..., ::2]
+    with torch.no_grad():
+        y, want = ours(x), ref(x)
+    assert y.stride() == want.stride()
+    assert_close(y, want)
+    if not training:
+        torch.library.opcheck(torch.ops.normops.inverted_residual,
+                              (x, *ours._folded(block_stages(ours.conv)[0], x.dtype), cfg[2],
+                               ours.use_res_connect))

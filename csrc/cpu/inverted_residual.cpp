@@ -272,17 +272,21 @@ Tensor inverted_residual(const Tensor& input, const OptTensor& expand_weight,
                          const Tensor& project_bias, int64_t stride, bool residual) {
   const Dims d = check_args(input, expand_weight, expand_bias, depthwise_weight, depthwise_bias,
                             project_weight, project_bias, stride, residual);
-  const bool channels_last = input.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                             !input.is_contiguous();
+  // channels_last as given, or as torch suggests for other strides (a
+  // sliced channels_last tensor), where torch's block returns it.
+  const bool channels_last =
+      !input.is_contiguous() && (input.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+                                 input.suggest_memory_format() == at::MemoryFormat::ChannelsLast);
   const auto out_format = channels_last ? at::MemoryFormat::ChannelsLast
                                         : at::MemoryFormat::Contiguous;
   if (d.N == 0)
     return at::empty({0, d.C_out, d.Ho, d.Wo}, input.options().memory_format(out_format));
   const auto acc = acc_dtype(input.scalar_type());
-  // In the accumulation dtype, NCHW or channels_last as given (others
-  // copied to NCHW); the output in the input's layout.
+  // In the accumulation dtype, NCHW or channels_last (others copied into
+  // the output's layout).
   Tensor x = input.to(acc);
-  if (!x.is_contiguous() && !x.is_contiguous(at::MemoryFormat::ChannelsLast)) x = x.contiguous();
+  if (!x.is_contiguous() && !x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    x = x.contiguous(out_format);
   Tensor y = at::empty({d.N, d.C_out, d.Ho, d.Wo}, x.options().memory_format(out_format));
   const Strides xs = Strides::of(x), ys = Strides::of(y);
   const auto run = [&](auto tag) {

@@ -32,6 +32,15 @@ def is_channels_last_dense(x: torch.Tensor) -> bool:
     return x.size(0) == 1 or x.stride(0) == expected
 
 
+def channels_last_output(x: torch.Tensor) -> bool:
+    """Whether a 4-D input's kernels (depthwise convolution, inverted
+    residual) write a channels_last output: a channels_last input, or one
+    whose strides torch reads as channels_last (a sliced one); contiguous
+    otherwise."""
+    return not x.is_contiguous() and (
+        is_channels_last_dense(x) or suggest_memory_format(x) == torch.channels_last)
+
+
 def empty_like_channels(x: torch.Tensor) -> torch.Tensor:
     """The output the kernels allocate for an (N, C, *) input."""
     if x.is_contiguous() or is_channels_last_dense(x):

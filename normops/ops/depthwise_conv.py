@@ -6,8 +6,8 @@ caller, the inverted residual's recomputing backward, handles itself)."""
 import torch
 import torch.nn.functional as F
 
-from ._common import (check_devices, is_channels_last_dense, needs_double_backward,
-                      register_autograd, suggest_memory_format, torch_grads)
+from ._common import (channels_last_output, check_devices, needs_double_backward,
+                      register_autograd, torch_grads)
 from .batch_norm import apply_activation
 
 ops = torch.ops.normops
@@ -71,12 +71,9 @@ def _out_shape(input, stride):
 
 
 def _empty_like_layout(input, shape):
-    """The kernel's output layout: channels_last where it walks the input
-    as rows (see empty_like_channels), contiguous otherwise."""
-    channels_last = not input.is_contiguous() and (
-        is_channels_last_dense(input) or suggest_memory_format(input) == torch.channels_last)
     return input.new_empty(shape).contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        memory_format=torch.channels_last if channels_last_output(input)
+        else torch.contiguous_format)
 
 
 @torch.library.register_fake("normops::depthwise_conv3x3")

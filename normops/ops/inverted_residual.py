@@ -5,7 +5,8 @@ kept), so it also serves double backward."""
 import torch
 import torch.nn.functional as F
 
-from ._common import acc_dtype, check_devices, register_autograd, torch_grads
+from ._common import (acc_dtype, channels_last_output, check_devices, register_autograd,
+                      torch_grads)
 
 ops = torch.ops.normops
 
@@ -32,10 +33,8 @@ def _(input, expand_weight, expand_bias, depthwise_weight, depthwise_bias, proje
     torch._check(input.dim() == 4, lambda: "normops.inverted_residual: expected a 4-D input")
     N, _, H, W = input.shape
     shape = (N, project_weight.size(0), (H - 1) // stride + 1, (W - 1) // stride + 1)
-    channels_last = (not input.is_contiguous()
-                     and input.is_contiguous(memory_format=torch.channels_last))
     return torch.empty(shape, dtype=input.dtype, device=input.device,
-                       memory_format=torch.channels_last if channels_last
+                       memory_format=torch.channels_last if channels_last_output(input)
                        else torch.contiguous_format)
 
 
