@@ -496,12 +496,15 @@ class InvertedResidual(nn.Module):
             return cached[2]  # same dtypes (same_contents), checked when cached
         if not _of_torchs_dtypes(stages, dtype):
             return None
-        # A cache filled under inference_mode would hold inference tensors,
-        # which a later call recording a graph cannot save (input gradients
-        # of a frozen model): filled outside it (and without a graph).
-        outside_inference = key is not None and torch.is_inference_mode_enabled()
-        with (torch.inference_mode(False) if outside_inference else contextlib.nullcontext()), \
-                (torch.no_grad() if outside_inference else contextlib.nullcontext()):
+        filling = contextlib.ExitStack()
+        if key is not None and torch.is_inference_mode_enabled():
+            # A cache filled under inference_mode would hold inference
+            # tensors, which a later call recording a graph cannot save
+            # (input gradients of a frozen model): filled outside it, and
+            # without a graph (leaving inference_mode turns grad mode on).
+            filling.enter_context(torch.inference_mode(False))
+            filling.enter_context(torch.no_grad())
+        with filling:
             folded = []
             for pair in stages:
                 folded += [None, None] if pair is None else list(_fold(*pair))

@@ -21,20 +21,17 @@ batch_norm::Folded fold_batch_norm(const Tensor& mean, const Tensor& var, const 
   read_as_double(mean, d);
   read_as_double(var, d + C);
   if (present(weight)) read_as_double(*weight, d + 2 * C); else std::fill(d + 2 * C, d + 3 * C, 1.0);
-  bool foldable = true;
-  for (int64_t c = 0; c < C; ++c) {
-    d[C + c] = 1.0 / std::sqrt(d[C + c] + eps);
-    foldable = foldable && folds_exactly(d[c], d[C + c], d[C + c] * d[2 * C + c], b[c]);
-  }
+  for (int64_t c = 0; c < C; ++c) d[C + c] = 1.0 / std::sqrt(d[C + c] + eps);
+  bool foldable = false;
   AT_DISPATCH_FLOATING_TYPES(acc, batch_norm::kOp, [&] {
     scalar_t* k = ptr<scalar_t>(consts);
     for (int64_t c = 0; c < C; ++c) {
-      const double scale = d[C + c] * d[2 * C + c];
       k[c] = static_cast<scalar_t>(d[c]);
-      k[C + c] = static_cast<scalar_t>(scale);
+      k[C + c] = static_cast<scalar_t>(d[C + c] * d[2 * C + c]);
       k[2 * C + c] = static_cast<scalar_t>(b[c]);
-      k[3 * C + c] = static_cast<scalar_t>(b[c] - d[c] * scale);
     }
+    foldable = fold_shifts(C, [&](int64_t c) { return std::pair{d[c], d[C + c]}; }, d + 2 * C,
+                           b.data(), k + 3 * C);
   });
   return batch_norm::Folded{dbl[0],    dbl[1],    dbl[2],   consts[0],
                             consts[1], consts[2], foldable ? consts[3] : Tensor()};

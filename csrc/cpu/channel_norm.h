@@ -22,17 +22,30 @@ namespace cpu {
 batch_norm::Folded fold_batch_norm(const Tensor& mean, const Tensor& var, const OptTensor& weight,
                                    const OptTensor& bias, double eps, at::ScalarType acc);
 
-// Whether y = x * scale + shift, shift = bias - mean * scale rounded once,
-// is as exact as the centred (x - mean) * scale + bias for a channel (or
-// group) with this mean, rstd, scale and bias, all finite: the shift's
-// rounding adds |mean| * rstd units in the last place of the output's scale,
-// so the mean must lie within a few standard deviations of zero. Then the
-// affine step reads two arrays of constants instead of three: channels_last
-// rows in cache 1.3x faster.
-inline bool folds_exactly(double mean, double rstd, double scale, double bias) {
+// The folded affine step y = x * scale + shift, shift = bias - mean * scale
+// rounded once, is as exact as the centred (x - mean) * scale + bias where
+// every channel's mean lies within a few standard deviations of zero (the
+// shift's rounding adds |mean| * rstd units in the last place of the
+// output's scale) and the constants are finite; it reads two arrays of
+// constants instead of three (channels_last rows in cache 1.3x faster).
+// Writes the C shifts and returns true where so; otherwise returns false and
+// leaves `shift` as it was. stats(c) gives channel c's (mean, rstd); w and b
+// its weight and bias.
+template <typename A, typename Stats>
+bool fold_shifts(int64_t C, const Stats& stats, const double* w, const double* b, A* shift) {
   constexpr double kMaxSpreads = 8;
-  return std::abs(mean) * rstd <= kMaxSpreads && std::isfinite(scale) &&
-         std::isfinite(bias - mean * scale);
+  for (int64_t c = 0; c < C; ++c) {
+    const auto [mean, rstd] = stats(c);
+    const double scale = rstd * w[c];
+    if (!(std::abs(mean) * rstd <= kMaxSpreads && std::isfinite(scale) &&
+          std::isfinite(b[c] - mean * scale)))
+      return false;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const auto [mean, rstd] = stats(c);
+    shift[c] = static_cast<A>(b[c] - mean * (rstd * w[c]));
+  }
+  return true;
 }
 
 // Splits of each sample's rows into parallel tasks of at least one cache

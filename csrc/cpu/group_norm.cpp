@@ -179,14 +179,9 @@ void forward_by_sample(const ChannelView& v, int64_t G, const Tensor& out, const
       std::tie(mean[n * G + g], rstd[n * G + g]) = group_statistics(
           mc + c0, qc + c0, D, HW, w + c0, b + c0, eps, cm + c0, cs + c0, cb + c0);
     }
-    bool folded = true;
-    for (int64_t c = 0; c < C && folded; ++c) {
-      const double mu = mean[n * G + c / D], r = rstd[n * G + c / D];
-      folded = folds_exactly(mu, r, r * w[c], b[c]);
-    }
-    if (folded)
-      for (int64_t c = 0; c < C; ++c)
-        cb[c] = A(b[c] - mean[n * G + c / D] * (rstd[n * G + c / D] * w[c]));
+    const bool folded = fold_shifts(
+        C, [&](int64_t c) { return std::pair{mean[n * G + c / D], rstd[n * G + c / D]}; }, w, b,
+        cb);
     write_output(k, stream, y + n * HW * C, HW * C, 0, 1, C, [&](T* dst, int64_t o, int64_t m) {
       k.row_affine[0](xn + o, dst, m / C, C, folded ? nullptr : cm, cs, cb);
     });

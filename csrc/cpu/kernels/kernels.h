@@ -79,7 +79,7 @@ struct Kernels {
                                 A mean, A scale, A bias);
   // The same over `planes` contiguous planes of len values, plane j with
   // mean[j], scale[j], bias[j]. Here and in row_affine, a null mean is the
-  // folded form act(x * scale + bias) (see folds_exactly, channel_norm.h).
+  // folded form act(x * scale + bias) (see fold_shifts, channel_norm.h).
   void (*plane_affine[kNumActs])(const T* x, T* y, int64_t len, int64_t planes, const A* mean,
                                  const A* scale, const A* bias);
   void (*row_affine[kNumActs])(const T* x, T* y, int64_t rows, int64_t C, const A* mean,
